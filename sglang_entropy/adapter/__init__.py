@@ -1,2 +1,43 @@
-def load():
-    pass
+"""The SGLang runtime adapter: an SGLang general plugin (entry-point group ``sglang.srt.plugins``).
+
+SGLang runs ``load()`` in every process before it parses the server arguments. It always adds
+the launch flags; everything else is registered only when the adapter is enabled, by
+``--enable-entropy`` or ``SGLANG_ENTROPY_ENABLE=1``, so an installed but disabled adapter leaves
+SGLang exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+
+from sglang_entropy.settings import ENV_ENABLE, ServerSettings
+
+_activated = False
+
+
+def load() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from sglang_entropy.adapter.flags import add_flags
+
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", add_flags, HookType.AFTER)
+    if ServerSettings.from_env().enabled:
+        activate()
+
+
+def activate() -> None:
+    """Register the runtime hooks (idempotent). Called at plugin load when the environment
+    enables the adapter, or when ``--enable-entropy`` is parsed in the launcher; the flag also
+    sets the environment so SGLang's subprocesses activate at their own plugin load."""
+    global _activated
+    os.environ[ENV_ENABLE] = "1"
+    if _activated:
+        return
+    _activated = True
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from sglang_entropy.adapter import frontend, scheduler
+
+    for target, hook, hook_type in (*scheduler.HOOKS, *frontend.HOOKS):
+        HookRegistry.register(target, hook, hook_type)
+    HookRegistry.apply_hooks()

@@ -1,0 +1,1 @@
+"""Confidence pruning policies for sglang-entropy."""

@@ -1,0 +1,55 @@
+"""Launch flags on SGLang's own launchers (``sglang serve``, ``python -m sglang.launch_server``).
+
+ServerArgs is a dataclass that drops unknown arguments, so each flag acts while it is parsed:
+it sets its environment variable, which SGLang's subprocesses inherit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from sglang_entropy.settings import ENV_CONFIG, ENV_POLICIES, load_config
+
+
+class _EnableAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        from sglang_entropy.adapter import activate
+
+        activate()
+
+
+class _EnvAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.dest == "entropy_config":
+            try:
+                load_config(values)
+            except ValueError as e:
+                parser.error(str(e))
+            values = os.path.abspath(values)
+        os.environ[ENV_CONFIG if self.dest == "entropy_config" else ENV_POLICIES] = values
+        setattr(namespace, self.dest, values)
+
+
+def add_flags(result, parser: argparse.ArgumentParser):
+    group = parser.add_argument_group("sglang-entropy (uncertainty-aware decoding policies)")
+    group.add_argument(
+        "--enable-entropy",
+        nargs=0,
+        action=_EnableAction,
+        help="Compute uncertainty signals and run entropy policies (env: SGLANG_ENTROPY_ENABLE=1).",
+    )
+    group.add_argument(
+        "--entropy-policies",
+        action=_EnvAction,
+        metavar="NAME[,NAME]",
+        help="Policies that requests may select (default: every installed one; env: SGLANG_ENTROPY_POLICIES).",
+    )
+    group.add_argument(
+        "--entropy-config",
+        action=_EnvAction,
+        metavar="FILE",
+        help="JSON or TOML file with signal settings and default parameters per policy "
+        "(env: SGLANG_ENTROPY_CONFIG).",
+    )
+    return result

@@ -1,0 +1,117 @@
+"""Hooks in the HTTP server process: validate requests, shape ``meta_info["entropy"]``.
+
+A request selects a policy only by registered name with parameters that its pydantic model
+validates; anything else is answered with HTTP 400 naming the field, and only that request
+fails.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from sglang.srt.plugins.hook_registry import HookType
+
+from sglang_entropy.adapter.runtime import EVENTS_KEY, SIGNAL_KEY
+from sglang_entropy.registry import installed_policies
+from sglang_entropy.settings import EntropyRequestError, ResolvedRequest, ServerSettings
+
+
+@functools.cache
+def _settings() -> ServerSettings:
+    return ServerSettings.from_env()
+
+
+def resolve_all(sampling_params) -> list[ResolvedRequest | None]:
+    """Validate the entropy options of every prompt of a request (raises EntropyRequestError)."""
+    if sampling_params is None:
+        return []
+    items = sampling_params if isinstance(sampling_params, list) else [sampling_params]
+    resolved = []
+    for params in items:
+        custom = params.get("custom_params") if isinstance(params, dict) else None
+        resolved.append(_settings().resolve(custom, installed_policies()))
+    return resolved
+
+
+def entropy_field(meta_info: dict, policy: str | None, offset: int) -> tuple[dict, int] | None:
+    """Move our per-token keys out of ``meta_info`` into one ``entropy`` dict.
+
+    Values before ``offset`` were already sent in earlier stream chunks. Returns the dict and
+    the new offset, or None when the request asked for nothing.
+    """
+    signal_keys = [k for k in meta_info if k.startswith(SIGNAL_KEY)]
+    if not signal_keys and EVENTS_KEY not in meta_info:
+        return None
+    signals = {k[len(SIGNAL_KEY) :]: meta_info.pop(k)[offset:] for k in signal_keys}
+    per_token_events = meta_info.pop(EVENTS_KEY, [])[offset:]
+    events = [event for token_events in per_token_events if token_events for event in token_events]
+    end = offset + max([len(v) for v in signals.values()] + [len(per_token_events)])
+    return {"policy": policy, "signals": signals, "events": events}, end
+
+
+def generate_request(original, tokenizer_manager, obj, request=None):
+    """Wrap TokenizerManager.generate_request (an async generator)."""
+
+    async def outputs():
+        resolved = resolve_all(getattr(obj, "sampling_params", None))
+        if not any(resolved):
+            async for out in original(tokenizer_manager, obj, request):
+                yield out
+            return
+        cumulative = obj.stream and not tokenizer_manager.incremental_streaming_output
+        offsets: dict[int, int] = {}
+        async for out in original(tokenizer_manager, obj, request):
+            for position, item in enumerate(out if isinstance(out, list) else [out]):
+                index = item.get("index", position)
+                request_options = resolved[index] if index < len(resolved) else resolved[0]
+                policy = request_options.policy if request_options else None
+                shaped = entropy_field(item.get("meta_info", {}), policy, offsets.get(index, 0))
+                if shaped is not None:
+                    item["meta_info"]["entropy"], end = shaped
+                    if cumulative:
+                        offsets[index] = end
+            yield out
+
+    return outputs()
+
+
+async def serve_generate_request(original, obj, request):
+    """Answer invalid entropy options of /generate with 400 before a stream starts."""
+    try:
+        resolve_all(obj.sampling_params)
+    except EntropyRequestError as e:
+        from fastapi.responses import ORJSONResponse
+
+        return ORJSONResponse({"error": {"message": str(e), "type": "invalid_request_error"}}, status_code=400)
+    return await original(obj, request)
+
+
+def validate_openai_request(original, serving, request):
+    error = original(serving, request)
+    if error is not None:
+        return error
+    custom = getattr(request, "custom_params", None)
+    try:
+        _settings().resolve(custom, installed_policies())
+    except EntropyRequestError as e:
+        return str(e)
+    return None
+
+
+def add_openai_metadata(response, serving, request, ret, created):
+    """OpenAI responses carry ``metadata.entropy``: one ``meta_info["entropy"]`` per choice."""
+    per_choice = [item.get("meta_info", {}).get("entropy") for item in ret]
+    if any(per_choice) and hasattr(response, "metadata"):
+        response.metadata = {**(response.metadata or {}), "entropy": per_choice}
+    return response
+
+
+_OPENAI = "sglang.srt.entrypoints.openai"
+HOOKS = (
+    ("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request", generate_request, HookType.AROUND),
+    ("sglang.srt.entrypoints.http_server.serve_generate_request", serve_generate_request, HookType.AROUND),
+    (f"{_OPENAI}.serving_completions.OpenAIServingCompletion._validate_request", validate_openai_request, HookType.AROUND),
+    (f"{_OPENAI}.serving_chat.OpenAIServingChat._validate_request", validate_openai_request, HookType.AROUND),
+    (f"{_OPENAI}.serving_completions.OpenAIServingCompletion._build_completion_response", add_openai_metadata, HookType.AFTER),
+    (f"{_OPENAI}.serving_chat.OpenAIServingChat._build_chat_response", add_openai_metadata, HookType.AFTER),
+)

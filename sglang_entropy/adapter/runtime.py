@@ -1,0 +1,376 @@
+"""The adapter's scheduler side: per-slot device buffers, the decode-step observer, and the
+host-side bookkeeping that turns device decisions into finished requests and response fields.
+
+Only this package knows SGLang's internals. The flow per step:
+1. ``EntropyObserver.before_grammar`` (model runner, device): signals for every row of the
+   batch, group-confidence windows, every active policy's ``decode_step``; all results are
+   stacked into one [B, C] tensor (``StepOutput``) that SGLang copies to the host with the
+   step's other outputs, without a sync in the step.
+2. ``apply_stop_decisions`` (scheduler, before SGLang commits the step's tokens): rows whose
+   policy said stop get ``req.to_finish``, so the request ends on exactly that token.
+3. ``HostStepOutput.consume`` (scheduler, after the commit): the committed tokens' signals and
+   events go into ``req.customized_info``, which SGLang streams to the tokenizer manager.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from pydantic import BaseModel
+
+from sglang_entropy.registry import PolicyRegistry, installed_policies
+from sglang_entropy.settings import ResolvedRequest, ServerSettings
+from sglang_entropy.signals import SIGNAL_NAMES, GroupConfidenceWindows, token_signals
+from sglang_entropy.types import DecodeStep, RequestInfo
+
+logger = logging.getLogger(__name__)
+
+SIGNAL_KEY = "entropy.signal."  # + signal name: one value per output token
+EVENTS_KEY = "entropy.events"  # one entry per output token: None or a list of events
+FIXED_COLUMNS = ("valid", "token_index", *SIGNAL_NAMES, "stop", "stop_reason", "branch_width")
+SCRATCH_SLOT = 0  # SGLang's request pool keeps row 0 as padding; rows that must not write go here
+
+
+class EntropyStop:
+    """Finish reason of a request that a policy stopped.
+
+    It reports ``type: "stop"`` so OpenAI clients see a normal stop, and ``entropy_policy`` so
+    a client can tell it apart from EOS and stop strings (``matched`` is null).
+    """
+
+    def __init__(self, policy: str, reason: str, token_index: int):
+        self.policy, self.reason, self.token_index = policy, reason, token_index
+
+    def to_json(self):
+        return {
+            "type": "stop",
+            "matched": None,
+            "entropy_policy": self.policy,
+            "reason": self.reason,
+            "token_index": self.token_index,
+        }
+
+
+@dataclass
+class RequestRecord:
+    """Host-side state of one running request that asked for signals or a policy."""
+
+    rid: str
+    slot: int
+    resolved: ResolvedRequest
+    policy_index: int  # -1 without a policy
+    info: RequestInfo | None
+
+
+def _param_dtype(annotation) -> torch.dtype | None:
+    if annotation is bool:
+        return torch.bool
+    if annotation is int:
+        return torch.int64
+    if annotation is float:
+        return torch.float32
+    return None
+
+
+class EntropyRuntime:
+    """Per-slot buffers and per-request records of one scheduler (one model runner)."""
+
+    def __init__(self, num_slots: int, device: torch.device, settings: ServerSettings, registry: PolicyRegistry):
+        self.settings = settings
+        self.registry = registry
+        self.device = device
+        self.policies = settings.enabled_policies(registry)
+        signals = settings.config.signals
+        zeros = lambda dtype: torch.zeros(num_slots, dtype=dtype, device=device)  # noqa: E731
+        self.active = zeros(torch.bool)
+        self.prompt_len = zeros(torch.int64)
+        self.confidence_k = zeros(torch.int64).fill_(signals.confidence_top_k)
+        self.entropy_k = zeros(torch.int64).fill_(signals.entropy_top_k)
+        self.window = zeros(torch.int64).fill_(signals.window_size)
+        self.policy_index = zeros(torch.int64).fill_(-1)
+        self.windows = GroupConfidenceWindows(num_slots, signals.max_window, device)
+        # numeric parameters of each policy, one value per slot
+        self.params: list[dict[str, torch.Tensor]] = []
+        self.state: list[dict[str, torch.Tensor]] = []
+        for name in self.policies:
+            spec = registry.get(name).spec
+            buffers = {}
+            for field_name, info in spec.params.model_fields.items():
+                dtype = _param_dtype(info.annotation)
+                if dtype is not None:
+                    buffers[field_name] = zeros(dtype)
+            self.params.append(buffers)
+            self.state.append(registry.hook.init_state(policy=name, num_slots=num_slots, device=device) or {})
+        self.records: dict[str, RequestRecord] = {}
+        # Requests that left their slot since the last consume: SGLang frees a finished
+        # request's slot before it hands us the request's last token.
+        self.ended: dict[str, RequestRecord] = {}
+        self.active_per_policy = [0] * len(self.policies)
+
+    @property
+    def num_active(self) -> int:
+        return len(self.records)
+
+    # --- lifecycle (host, once per request) ----------------------------------------------
+
+    def start(self, req) -> None:
+        """``req`` was given a slot; write its settings into the slot before its first step."""
+        if req.rid in self.records:  # chunked prefill keeps its slot across chunks
+            return
+        try:
+            resolved = self.settings.resolve(req.sampling_params.custom_params, self.registry)
+        except ValueError:  # the tokenizer manager validated it; this only guards direct scheduler use
+            logger.exception("request %s: invalid entropy options, ignored", req.rid)
+            return
+        if resolved is None:
+            return
+        slot = req.kv.req_pool_idx
+        self.active[slot] = True
+        self.prompt_len[slot] = len(req.origin_input_ids)
+        self.confidence_k[slot] = resolved.confidence_k
+        self.entropy_k[slot] = resolved.entropy_k
+        self.window[slot] = resolved.window
+        policy_index, info = -1, None
+        if resolved.policy is not None:
+            policy_index = self.policies.index(resolved.policy)
+            for field_name, buffer in self.params[policy_index].items():
+                buffer[slot] = getattr(resolved.params, field_name)
+            info = RequestInfo(
+                rid=req.rid,
+                slot=slot,
+                policy=resolved.policy,
+                params=resolved.params,
+                group_id=getattr(resolved.params, "group_id", None),
+                prompt_tokens=len(req.origin_input_ids),
+            )
+            self.active_per_policy[policy_index] += 1
+            self.registry.hook.request_start(policy=resolved.policy, request=info, state=self.state[policy_index])
+        self.policy_index[slot] = policy_index
+        self.records[req.rid] = RequestRecord(req.rid, slot, resolved, policy_index, info)
+        req.customized_info = req.customized_info or {}
+        for name in resolved.return_signals:
+            req.customized_info.setdefault(SIGNAL_KEY + name, [])
+        if resolved.policy is not None:
+            req.customized_info.setdefault(EVENTS_KEY, [])
+
+    def end(self, req) -> None:
+        """``req`` leaves its slot (finished, aborted or retracted)."""
+        record = self.records.pop(req.rid, None)
+        if record is None:
+            return
+        self.ended[req.rid] = record
+        self.active[record.slot] = False
+        self.policy_index[record.slot] = -1
+        if record.info is not None:
+            self.active_per_policy[record.policy_index] -= 1
+            reason = _end_reason(req)
+            self.registry.hook.request_end(
+                policy=record.info.policy, request=record.info, reason=reason, state=self.state[record.policy_index]
+            )
+
+    # --- the decode step (device only) -----------------------------------------------------
+
+    def step(self, logits: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor) -> "StepOutput":
+        """Signals and decisions for a batch: logits [B, V], request slots [B], sequence lengths [B]."""
+        slots = slots.long()
+        token_index = seq_lens.long() - self.prompt_len[slots]  # index of the token being sampled
+        valid = self.active[slots] & (token_index >= 0)  # < 0: an unfinished prefill chunk
+        write_slots = torch.where(valid, slots, torch.full_like(slots, SCRATCH_SLOT))
+        token_index = token_index.clamp(min=0)
+
+        signals = token_signals(logits, self.confidence_k[slots], self.entropy_k[slots])
+        signals["group_confidence"], _ = self.windows.update(
+            write_slots, token_index, signals["confidence"], self.window[slots]
+        )
+
+        false = torch.zeros_like(valid)
+        stop, stop_reason, branch_width = false, torch.zeros_like(slots), torch.zeros_like(slots)
+        event_columns: dict[str, torch.Tensor] = {}
+        row_policy = self.policy_index[slots]
+        for index, name in enumerate(self.policies):
+            if self.active_per_policy[index] == 0:
+                continue
+            mask = valid & (row_policy == index)
+            step = DecodeStep(
+                mask=mask,
+                slots=write_slots,
+                token_index=token_index,
+                signals=signals,
+                params={k: v[slots] for k, v in self.params[index].items()},
+                state=self.state[index],
+                logits=logits,
+            )
+            decision = self.registry.hook.decode_step(policy=name, step=step)
+            if decision is None:
+                continue
+            if decision.stop is not None:
+                stops_here = decision.stop & mask
+                stop = stop | stops_here
+                if decision.stop_reason is not None:
+                    stop_reason = torch.where(stops_here, decision.stop_reason.long(), stop_reason)
+            if decision.branch_width is not None:
+                branch_width = torch.where(mask, decision.branch_width.long(), branch_width)
+            if decision.logit_bias is not None:
+                logits.add_(torch.where(mask[:, None], decision.logit_bias, torch.zeros_like(decision.logit_bias)))
+            for key, values in decision.event_values.items():
+                previous = event_columns.get(key, torch.full_like(signals["entropy"], math.nan))
+                event_columns[key] = torch.where(mask, values.float(), previous)
+
+        columns = [valid, token_index, *(signals[n] for n in SIGNAL_NAMES), stop, stop_reason, branch_width]
+        columns += list(event_columns.values())
+        packed = torch.stack([c.float() for c in columns], dim=1)  # [B, C]
+        return StepOutput(packed, tuple(event_columns))
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """Device side of one step's results (SGLang's ``DeviceAuxiliaryOutput``)."""
+
+    packed: torch.Tensor  # [B, len(FIXED_COLUMNS) + len(event_names)] float32
+    event_names: tuple[str, ...]
+
+    def copy_to_host(self, copy_tensor: Callable[[torch.Tensor], torch.Tensor]) -> "HostStepOutput":
+        return HostStepOutput(copy_tensor(self.packed), self.event_names)
+
+
+@dataclass
+class HostStepOutput:
+    """Host side of one step's results (SGLang's ``HostAuxiliaryOutput``)."""
+
+    packed: torch.Tensor
+    event_names: tuple[str, ...]
+    _rows: Optional[list] = field(default=None, repr=False)
+
+    def rows(self) -> list[dict[str, float]]:
+        """One dict per batch row; read after SGLang waited for the step's copy to the host."""
+        if self._rows is None:
+            names = (*FIXED_COLUMNS, *self.event_names)
+            self._rows = [dict(zip(names, row)) for row in self.packed.tolist()]
+        return self._rows
+
+    def stops(self, batch) -> None:
+        """Mark the requests whose policy said stop, before SGLang commits their token."""
+        runtime = current_runtime()
+        for req, row in zip(batch.reqs, self.rows()):
+            if not (row["valid"] and row["stop"]) or req.finished():
+                continue
+            record = runtime.records.get(req.rid)
+            if record is None or record.info is None:
+                continue
+            reasons = runtime.registry.get(record.info.policy).spec.stop_reasons
+            req.to_finish = EntropyStop(record.info.policy, reasons[int(row["stop_reason"])], int(row["token_index"]))
+
+    def consume(self, batch, commits: Sequence) -> None:
+        runtime = current_runtime()
+        for req, row, commit in zip(batch.reqs, self.rows(), commits, strict=True):
+            if commit is None or not row["valid"]:
+                continue
+            record = runtime.records.get(req.rid) or runtime.ended.get(req.rid)
+            if record is None:
+                continue
+            index = commit.output_index
+            info = req.customized_info
+            for name in record.resolved.return_signals:
+                _put(info[SIGNAL_KEY + name], index, row[name])
+            if record.info is None:
+                continue
+            events = _events(record, row, self.event_names, runtime)
+            _put(info[EVENTS_KEY], index, events or None)
+        runtime.ended.clear()
+
+
+def _events(record: RequestRecord, row: dict, event_names, runtime) -> list[dict]:
+    events = []
+    extra = {k: row[k] for k in event_names if not math.isnan(row[k])}
+    if row["stop"]:
+        reasons = runtime.registry.get(record.info.policy).spec.stop_reasons
+        events.append(
+            {
+                "kind": "stop",
+                "token_index": int(row["token_index"]),
+                "policy": record.info.policy,
+                "reason": reasons[int(row["stop_reason"])],
+                **extra,
+            }
+        )
+    if row["branch_width"] > 0:
+        # Forking inside the scheduler is the branch plugin's adapter work; until then the
+        # request is reported, not carried out.
+        events.append(
+            {
+                "kind": "branch",
+                "token_index": int(row["token_index"]),
+                "policy": record.info.policy,
+                "width": int(row["branch_width"]),
+                "applied": False,
+                **extra,
+            }
+        )
+    return events
+
+
+def _put(values: list, index: int, value) -> None:
+    """Store the value of output token ``index``, padding tokens we did not see with None."""
+    if len(values) > index:
+        values[index] = value
+        return
+    values.extend([None] * (index - len(values)))
+    values.append(value)
+
+
+def _end_reason(req) -> str:
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    if isinstance(req.finished_reason, FINISH_ABORT):
+        return "aborted"
+    if req.finished():
+        return "finished"
+    return "retracted" if req.is_retracted else "aborted"
+
+
+# --- the observer SGLang calls ---------------------------------------------------------------
+
+
+class EntropyObserver:
+    """SGLang ``SamplingObserver``: runs the step on the batch's next-token logits."""
+
+    def __init__(self, runtime: EntropyRuntime):
+        self.runtime = runtime
+        self.forward_batch = None  # set by the ModelRunner.sample hook for the current call
+
+    def is_active(self, sampling_info) -> bool:
+        return self.runtime.num_active > 0 and self.forward_batch is not None
+
+    def before_grammar(self, logits: torch.Tensor, sampling_info) -> StepOutput:
+        batch = self.forward_batch
+        rows = logits.shape[0]
+        return self.runtime.step(logits, batch.req_pool_indices[:rows], batch.seq_lens[:rows])
+
+    def after_sample(self, state: StepOutput, token_ids: torch.Tensor) -> StepOutput:
+        return state
+
+
+_RUNTIME: EntropyRuntime | None = None
+
+
+def current_runtime() -> EntropyRuntime:
+    assert _RUNTIME is not None, "the entropy runtime starts with the model runner"
+    return _RUNTIME
+
+
+def create_runtime(num_slots: int, device) -> EntropyRuntime:
+    global _RUNTIME
+    _RUNTIME = EntropyRuntime(num_slots, torch.device(device), ServerSettings.from_env(), installed_policies())
+    return _RUNTIME
+
+
+def find_host_output(result) -> HostStepOutput | None:
+    output = getattr(result, "auxiliary_host_output", None)
+    for candidate in getattr(output, "outputs", (output,)):
+        if isinstance(candidate, HostStepOutput):
+            return candidate
+    return None

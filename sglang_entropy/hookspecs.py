@@ -1,0 +1,126 @@
+"""The whole contract between sglang-entropy and its policy plugins.
+
+A policy plugin is a Python package that exposes a module through the entry-point group
+``sglang_entropy.policies``; the module implements some of these hooks with
+``@sglang_entropy.hookimpl``. Policies never see SGLang: the runtime adapter turns the
+engine's batches into the values below (``sglang_entropy.types``) and carries out the
+decisions. Hooks that take a ``policy`` argument are called for every plugin until one answers
+(``firstresult``): an implementation returns ``None`` for policies that are not its own.
+
+Tensors live on the model's device. Per-step hooks run inside the decode step: they must be
+pure device code (no ``.item()``, ``.tolist()``, ``.cpu()`` or synchronisation) and batch over
+every row. Lifecycle and group hooks run on the scheduler's host thread, once per request or
+trace, and may use plain Python.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("sglang_entropy")
+hookimpl = pluggy.HookimplMarker("sglang_entropy")
+
+
+# --- registration --------------------------------------------------------------------------
+
+
+@hookspec
+def register_policies(register):
+    """Register the plugin's policies.
+
+    Called once per process when the core discovers plugins. ``register(PolicySpec)`` adds a
+    policy; its name is what requests use (``custom_params.entropy.policy``) and what
+    ``--entropy-policies`` enables. Returns nothing.
+    """
+
+
+# --- (a) autoregressive decoding: the per-step hook -----------------------------------------
+
+
+@hookspec(firstresult=True)
+def init_state(policy, num_slots, device):
+    """Allocate the policy's per-request state.
+
+    Called once when the server starts, for each enabled policy. ``num_slots`` is the number
+    of request slots (SGLang's request pool, plus a scratch slot 0). Returns a dict of device
+    tensors whose first dimension is ``num_slots``, or ``None`` for a stateless policy. The
+    same dict is passed back as ``step.state`` and to the lifecycle hooks.
+    """
+
+
+@hookspec(firstresult=True)
+def decode_step(policy, step):
+    """Decide for every sequence of the batch after its next-token logits are computed.
+
+    Called at every decode step (and for the first token after prefill) while at least one
+    running request uses ``policy``; ``step`` is a ``DecodeStep`` whose tensors cover the whole
+    batch, [B] or [B, V], with ``step.mask`` selecting this policy's rows. Returns a
+    ``DecodeDecision`` of [B] device tensors: continue (all defaults), stop with a reason,
+    branch with a width, adjust the logits. Runs on the device without host syncs.
+    """
+
+
+# --- (b) request lifecycle and groups of traces ---------------------------------------------
+
+
+@hookspec
+def request_start(policy, request, state):
+    """A request that uses ``policy`` was given its slot, before its first token is sampled.
+
+    ``request`` is a ``RequestInfo``; ``state`` is the policy's dict from ``init_state``.
+    Reset the slot's buffers here. Returns nothing.
+    """
+
+
+@hookspec
+def request_end(policy, request, reason, state):
+    """A request of ``policy`` left its slot: ``reason`` is "finished", "aborted" or "retracted".
+
+    Called on every path out, so per-request state can be freed. Returns nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def group_trace_finished(policy, group, trace):
+    """A trace of a group finished.
+
+    ``group`` is a ``TraceGroup`` (its ``finished`` list already holds ``trace``, a
+    ``TraceSummary``). Use it for warm-up calibration (set a threshold from the first
+    traces), consensus stops and budget reallocation. Returns a ``GroupUpdate`` for the
+    traces that have not started, or ``None`` to change nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def group_vote(policy, group):
+    """Combine the finished traces of ``group`` into one answer.
+
+    Called when the group is complete. Returns a ``Vote``, or ``None`` to leave voting to
+    the client.
+    """
+
+
+# --- (c) diffusion LMs -----------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def unmask_step(policy, step):
+    """Choose which masked positions to commit at a denoising step of a diffusion LM.
+
+    Called once per denoising step of a block with a ``DenoiseStep`` ([B, L, V] logits,
+    [B, L] mask). Returns an ``UnmaskDecision``: a [B, L] bool of positions to commit (at
+    least one per unfinished row) and optionally a [B] bool early exit. Device code only.
+    """
+
+
+# --- (d) speculative decoding ------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def route_drafts(policy, proposals):
+    """Pick, for every sequence, the drafter whose proposal goes to the target for verification.
+
+    Called at every speculative step with ``DraftProposals`` ([D, B, N] tokens and draft
+    log-probabilities of D drafters). Returns a [B] int64 device tensor of drafter indices
+    (and may be asked per request instead of per step, as its parameters say).
+    """

@@ -1,0 +1,167 @@
+"""Server-wide settings (launch flags, environment, config file) and per-request validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sglang_entropy.registry import PolicyRegistry
+from sglang_entropy.signals import MAX_TOP_K, SIGNAL_NAMES
+
+ENV_ENABLE = "SGLANG_ENTROPY_ENABLE"
+ENV_POLICIES = "SGLANG_ENTROPY_POLICIES"
+ENV_CONFIG = "SGLANG_ENTROPY_CONFIG"
+REQUEST_KEY = "entropy"  # sampling_params.custom_params["entropy"]
+
+SignalName = Literal["entropy", "topk_entropy", "confidence", "margin", "varentropy", "group_confidence"]
+assert set(SignalName.__args__) == set(SIGNAL_NAMES)
+
+
+class SignalSettings(BaseModel):
+    """How signals are computed when a request's policy does not say (its parameters
+    ``top_k``, ``entropy_top_k`` and ``window_size`` take precedence)."""
+
+    model_config = ConfigDict(extra="forbid")
+    confidence_top_k: int = Field(20, ge=1, le=MAX_TOP_K, description="k of DeepConf token confidence")
+    entropy_top_k: int = Field(20, ge=2, le=MAX_TOP_K, description="K of the renormalised top-K entropy")
+    window_size: int = Field(2048, ge=1, description="tokens in the group-confidence window")
+    max_window: int = Field(2048, ge=1, le=65536, description="largest window a request may ask for")
+
+
+class ServerConfig(BaseModel):
+    """The ``--entropy-config`` file (JSON or TOML)."""
+
+    model_config = ConfigDict(extra="forbid")
+    signals: SignalSettings = SignalSettings()
+    policies: dict[str, dict[str, Any]] = Field(default_factory=dict, description="default parameters per policy")
+
+
+class EntropyRequest(BaseModel):
+    """``sampling_params.custom_params["entropy"]`` of one request."""
+
+    model_config = ConfigDict(extra="forbid")
+    policy: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    return_signals: list[SignalName] = Field(default_factory=list)
+
+
+class EntropyRequestError(ValueError):
+    """A request's entropy options are invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    policy: str | None
+    params: BaseModel | None
+    return_signals: tuple[str, ...]
+    confidence_k: int
+    entropy_k: int
+    window: int
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    enabled: bool
+    allowed_policies: tuple[str, ...] | None  # None: every installed policy
+    config: ServerConfig
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> "ServerSettings":
+        enabled = environ.get(ENV_ENABLE, "").lower() in ("1", "true", "yes", "on")
+        allowed = environ.get(ENV_POLICIES) or None
+        config_path = environ.get(ENV_CONFIG) or None
+        return cls(
+            enabled=enabled,
+            allowed_policies=tuple(n.strip() for n in allowed.split(",") if n.strip()) if allowed else None,
+            config=load_config(config_path) if config_path else ServerConfig(),
+        )
+
+    def enabled_policies(self, registry: PolicyRegistry) -> list[str]:
+        if self.allowed_policies is None:
+            return registry.names()
+        missing = [name for name in self.allowed_policies if name not in registry]
+        if missing:
+            raise ValueError(
+                f"--entropy-policies names {missing}, which are not installed; installed: {registry.names()}"
+            )
+        return list(self.allowed_policies)
+
+    def resolve(self, raw: Any, registry: PolicyRegistry) -> ResolvedRequest | None:
+        """Validate one request's ``custom_params``; ``None`` when it asks for nothing."""
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            raise EntropyRequestError("custom_params must be an object")
+        if REQUEST_KEY not in raw:
+            return None
+        prefix = f"custom_params.{REQUEST_KEY}"
+        try:
+            request = EntropyRequest.model_validate(raw[REQUEST_KEY])
+        except ValidationError as e:
+            raise EntropyRequestError(_describe(e, prefix)) from None
+        params = None
+        if request.policy is not None:
+            enabled = self.enabled_policies(registry)
+            if request.policy not in registry:
+                raise EntropyRequestError(
+                    f"{prefix}.policy: unknown policy {request.policy!r}; installed: {registry.names()}"
+                )
+            if request.policy not in enabled:
+                raise EntropyRequestError(
+                    f"{prefix}.policy: policy {request.policy!r} is not enabled on this server "
+                    f"(--entropy-policies); enabled: {enabled}"
+                )
+            spec = registry.get(request.policy).spec
+            merged = {**self.config.policies.get(request.policy, {}), **request.params}
+            try:
+                params = spec.params.model_validate(merged)
+            except ValidationError as e:
+                raise EntropyRequestError(_describe(e, f"{prefix}.params")) from None
+        elif request.params:
+            raise EntropyRequestError(f"{prefix}.params: parameters given without a policy")
+        signals = self.config.signals
+        confidence_k = getattr(params, "top_k", signals.confidence_top_k)
+        entropy_k = getattr(params, "entropy_top_k", signals.entropy_top_k)
+        window = getattr(params, "window_size", signals.window_size)
+        for field, value, low, high in (
+            ("top_k", confidence_k, 1, MAX_TOP_K),
+            ("entropy_top_k", entropy_k, 2, MAX_TOP_K),
+            ("window_size", window, 1, signals.max_window),
+        ):
+            if not low <= value <= high:
+                raise EntropyRequestError(f"{prefix}.params.{field}: {value} is outside [{low}, {high}] on this server")
+        return ResolvedRequest(
+            policy=request.policy,
+            params=params,
+            return_signals=tuple(dict.fromkeys(request.return_signals)),
+            confidence_k=confidence_k,
+            entropy_k=entropy_k,
+            window=window,
+        )
+
+
+def load_config(path: str | Path) -> ServerConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"--entropy-config {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        return ServerConfig.model_validate(data)
+    except (ValueError, ValidationError) as e:
+        raise ValueError(f"--entropy-config {path}: {e}") from None
+
+
+def _describe(error: ValidationError, prefix: str) -> str:
+    parts = []
+    for item in error.errors():
+        location = ".".join(str(p) for p in (prefix, *item["loc"]))
+        parts.append(f"{location}: {item['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,54 @@
+"""Per-token signals from one row of logits per sequence.
+
+All of them come from one log-softmax and one top-k over the vocabulary:
+
+- ``entropy``        H = -sum_j p_j log p_j over the full vocabulary
+- ``topk_entropy``   H over the K most probable tokens, renormalised (EAGer)
+- ``confidence``     C = -(1/k) sum_{j<=k} log p_(j) over the top-k tokens (DeepConf)
+- ``margin``         log p_(1) - log p_(2)
+- ``varentropy``     V = sum_j p_j (log p_j + H)^2
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOKEN_SIGNALS = ("entropy", "topk_entropy", "confidence", "margin", "varentropy")
+MAX_TOP_K = 64  # largest k a request may ask for; one top-k of this width serves every row
+
+
+def token_signals(
+    logits: torch.Tensor,  # [B, V], any float dtype
+    confidence_k: torch.Tensor,  # [B] int, k of DeepConf's confidence per row
+    entropy_k: torch.Tensor,  # [B] int, K of the top-K entropy per row
+) -> dict[str, torch.Tensor]:  # name -> [B] float32
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+    probs = logprobs.exp()
+    # 0 * log 0 is 0 for the entropy, not nan
+    plogp = torch.where(probs > 0, probs * logprobs, torch.zeros_like(probs))
+    entropy = -plogp.sum(dim=-1)  # [B]
+    centred = torch.where(probs > 0, logprobs + entropy[:, None], torch.zeros_like(probs))
+    varentropy = (probs * centred.square()).sum(dim=-1)  # [B]
+
+    width = min(MAX_TOP_K, logits.shape[-1])
+    top_logprobs = logprobs.topk(width, dim=-1).values  # [B, width], descending
+    rank = torch.arange(width, device=logits.device)[None, :]  # [1, width]
+
+    in_conf = rank < confidence_k[:, None]  # [B, width]
+    conf_sum = torch.where(in_conf, top_logprobs, torch.zeros_like(top_logprobs)).sum(dim=-1)
+    confidence = -conf_sum / confidence_k.clamp(min=1).to(conf_sum.dtype)
+
+    in_topk = rank < entropy_k[:, None]
+    masked = torch.where(in_topk, top_logprobs, torch.full_like(top_logprobs, float("-inf")))
+    renormalised = masked - torch.logsumexp(masked, dim=-1, keepdim=True)  # log p'_i
+    p_renorm = renormalised.exp()
+    topk_entropy = -torch.where(in_topk, p_renorm * renormalised, torch.zeros_like(p_renorm)).sum(dim=-1)
+
+    margin = top_logprobs[:, 0] - top_logprobs[:, 1] if width > 1 else torch.zeros_like(entropy)
+    return {
+        "entropy": entropy,
+        "topk_entropy": topk_entropy,
+        "confidence": confidence,
+        "margin": margin,
+        "varentropy": varentropy,
+    }

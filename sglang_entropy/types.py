@@ -1,0 +1,142 @@
+"""The values that cross the hook contract. Tensors live on the model's device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """What a plugin registers: a policy's name, its parameters and what it may decide.
+
+    ``params`` is a pydantic model; a request's ``params`` are validated against it, so a
+    policy is only ever configured by data. Numeric fields (int, float, bool) are also kept
+    on the device, one value per request slot, and reach ``decode_step`` as ``step.params``.
+    ``stop_reasons`` names the reasons a ``DecodeDecision.stop_reason`` indexes.
+    """
+
+    name: str
+    params: type[BaseModel]
+    description: str = ""
+    stop_reasons: tuple[str, ...] = ("policy",)
+    family: str = "decode"  # "decode", "dllm" or "speculative"
+
+
+@dataclass
+class DecodeStep:
+    """One decode step of the continuous batch, as seen by one policy.
+
+    Every tensor covers the whole batch (B rows, in the batch's order) so that no policy has
+    to gather its rows (which would need a host sync); ``mask`` marks the rows whose request
+    uses this policy, and decisions on other rows are ignored.
+    """
+
+    mask: torch.Tensor  # [B] bool, rows of this policy
+    slots: torch.Tensor  # [B] int64, request slot of each row (index into ``state`` buffers)
+    token_index: torch.Tensor  # [B] int64, output index of the token being sampled
+    signals: Mapping[str, torch.Tensor]  # signal name -> [B] float32 (see sglang_entropy.signals)
+    params: Mapping[str, torch.Tensor]  # numeric parameter name -> [B], this request's value
+    state: dict[str, torch.Tensor]  # the policy's own per-slot buffers from ``init_state``
+    logits: torch.Tensor  # [B, V] next-token logits (read-only; adjust through the decision)
+
+
+@dataclass
+class DecodeDecision:
+    """A policy's answer for one decode step; every field is optional and [B]-shaped.
+
+    ``stop``: end the sequence after this token. ``stop_reason``: index into the policy's
+    ``stop_reasons``. ``branch_width``: number of extra sequences to fork from this point
+    (0 = none). ``logit_bias``: [B, V] added to the logits before sampling. ``event_values``:
+    numbers recorded with the stop or branch event of a row (e.g. the confidence that crossed).
+    """
+
+    stop: torch.Tensor | None = None
+    stop_reason: torch.Tensor | None = None
+    branch_width: torch.Tensor | None = None
+    logit_bias: torch.Tensor | None = None
+    event_values: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """A request as the lifecycle hooks see it (host side, once per request, not per step)."""
+
+    rid: str
+    slot: int
+    policy: str
+    params: BaseModel
+    group_id: str | None = None
+    prompt_tokens: int = 0
+
+
+@dataclass
+class TraceSummary:
+    """One finished trace of a group: enough to calibrate, reallocate and vote."""
+
+    rid: str
+    text: str
+    output_tokens: int
+    signals: Mapping[str, list[float]]
+    stopped_early: bool
+    finish_reason: Mapping[str, Any] | None = None
+
+
+@dataclass
+class TraceGroup:
+    """The traces of one question: a request with ``n`` samples, or requests sharing ``group_id``."""
+
+    group_id: str
+    policy: str
+    params: BaseModel
+    finished: list[TraceSummary] = field(default_factory=list)
+    budget: int | None = None  # total traces (or tokens) the group may spend
+
+
+@dataclass
+class GroupUpdate:
+    """What a group hook may change for the group's traces that have not started yet."""
+
+    params: Mapping[str, Any] = field(default_factory=dict)  # parameter overrides, validated again
+    stop_group: bool = False  # start no further traces (e.g. consensus reached)
+    budget: int | None = None  # new budget for this group (reallocation)
+
+
+@dataclass
+class Vote:
+    answer: str | None
+    support: float  # the winning answer's share of the (weighted) vote
+    tallies: Mapping[str, float]
+
+
+@dataclass
+class DenoiseStep:
+    """One denoising step of a diffusion LM over a block of the canvas."""
+
+    logits: torch.Tensor  # [B, L, V] logits at every position of the block
+    masked: torch.Tensor  # [B, L] bool, positions still masked
+    step_index: int  # denoising steps already taken in this block
+    max_steps: int
+    state: dict[str, torch.Tensor]  # the policy's own buffers, [B, ...]
+
+
+@dataclass
+class UnmaskDecision:
+    commit: torch.Tensor  # [B, L] bool, masked positions to commit now (take their argmax)
+    exit: torch.Tensor | None = None  # [B] bool, commit every remaining position and finish
+
+
+@dataclass
+class DraftProposals:
+    """The drafts of every drafter for one speculative step."""
+
+    tokens: torch.Tensor  # [D, B, N] drafted token ids (chains: N steps; trees: N nodes)
+    logprobs: torch.Tensor  # [D, B, N] draft log-probability of each drafted token
+    parents: torch.Tensor | None = None  # [D, B, N] parent node per tree node; None for chains
+    drafter_names: tuple[str, ...] = ()
+
+
+RegisterPolicy = Callable[[PolicySpec], None]
