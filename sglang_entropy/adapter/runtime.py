@@ -148,7 +148,11 @@ class EntropyRuntime:
                 prompt_tokens=len(req.origin_input_ids),
             )
             self.active_per_policy[policy_index] += 1
-            self.registry.hook.request_start(policy=resolved.policy, request=info, state=self.state[policy_index])
+            try:
+                self.registry.hook.request_start(policy=resolved.policy, request=info, state=self.state[policy_index])
+            except Exception as e:
+                logger.exception("policy %s failed to start request %s", resolved.policy, req.rid)
+                req.to_finish = _policy_failure(resolved.policy, e)
         self.policy_index[slot] = policy_index
         self.records[req.rid] = RequestRecord(req.rid, slot, resolved, policy_index, info)
         req.customized_info = req.customized_info or {}
@@ -190,6 +194,7 @@ class EntropyRuntime:
         false = torch.zeros_like(valid)
         stop, stop_reason, branch_width = false, torch.zeros_like(slots), torch.zeros_like(slots)
         event_columns: dict[str, torch.Tensor] = {}
+        failures: dict[int, Exception] = {}
         row_policy = self.policy_index[slots]
         for index, name in enumerate(self.policies):
             if self.active_per_policy[index] == 0:
@@ -204,7 +209,12 @@ class EntropyRuntime:
                 state=self.state[index],
                 logits=logits,
             )
-            decision = self.registry.hook.decode_step(policy=name, step=step)
+            try:
+                decision = self.registry.hook.decode_step(policy=name, step=step)
+            except Exception as e:  # fail this policy's requests, not the server
+                logger.exception("policy %s raised in decode_step", name)
+                failures[index] = e
+                continue
             if decision is None:
                 continue
             if decision.stop is not None:
@@ -223,7 +233,7 @@ class EntropyRuntime:
         columns = [valid, token_index, *(signals[n] for n in SIGNAL_NAMES), stop, stop_reason, branch_width]
         columns += list(event_columns.values())
         packed = torch.stack([c.float() for c in columns], dim=1)  # [B, C]
-        return StepOutput(packed, tuple(event_columns))
+        return StepOutput(packed, tuple(event_columns), failures)
 
 
 @dataclass(frozen=True)
@@ -232,9 +242,10 @@ class StepOutput:
 
     packed: torch.Tensor  # [B, len(FIXED_COLUMNS) + len(event_names)] float32
     event_names: tuple[str, ...]
+    failures: dict[int, Exception]  # policy index -> what it raised in this step
 
     def copy_to_host(self, copy_tensor: Callable[[torch.Tensor], torch.Tensor]) -> "HostStepOutput":
-        return HostStepOutput(copy_tensor(self.packed), self.event_names)
+        return HostStepOutput(copy_tensor(self.packed), self.event_names, self.failures)
 
 
 @dataclass
@@ -243,10 +254,11 @@ class HostStepOutput:
 
     packed: torch.Tensor
     event_names: tuple[str, ...]
+    failures: dict[int, Exception]
     _rows: Optional[list] = field(default=None, repr=False)
 
     def rows(self) -> list[dict[str, float]]:
-        """One dict per batch row; read after SGLang waited for the step's copy to the host."""
+        """One dict per batch row. A host tensor: SGLang has already waited for the copy."""
         if self._rows is None:
             names = (*FIXED_COLUMNS, *self.event_names)
             self._rows = [dict(zip(names, row)) for row in self.packed.tolist()]
@@ -256,10 +268,13 @@ class HostStepOutput:
         """Mark the requests whose policy said stop, before SGLang commits their token."""
         runtime = current_runtime()
         for req, row in zip(batch.reqs, self.rows()):
-            if not (row["valid"] and row["stop"]) or req.finished():
-                continue
             record = runtime.records.get(req.rid)
-            if record is None or record.info is None:
+            if record is None or record.info is None or req.finished() or not row["valid"]:
+                continue
+            if record.policy_index in self.failures:
+                req.to_finish = _policy_failure(record.info.policy, self.failures[record.policy_index])
+                continue
+            if not row["stop"]:
                 continue
             reasons = runtime.registry.get(record.info.policy).spec.stop_reasons
             req.to_finish = EntropyStop(record.info.policy, reasons[int(row["stop_reason"])], int(row["token_index"]))
@@ -320,6 +335,12 @@ def _put(values: list, index: int, value) -> None:
         return
     values.extend([None] * (index - len(values)))
     values.append(value)
+
+
+def _policy_failure(policy: str, error: Exception):
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    return FINISH_ABORT(f"entropy policy {policy!r} failed: {type(error).__name__}: {error}", status_code=500)
 
 
 def _end_reason(req) -> str:

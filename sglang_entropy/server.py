@@ -1,0 +1,100 @@
+"""Launch the real SGLang server with the adapter: the CPU platform unless a GPU is present."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+
+def has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(model_path: str | Path, port: int, enable_entropy: bool, extra_args=()) -> list[str]:
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    if not has_gpu():
+        cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch"]
+    if enable_entropy:
+        cmd.append("--enable-entropy")
+    return cmd + list(extra_args)
+
+
+def server_env(extra_env=None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("SGLANG_ENTROPY_ENABLE", None)  # the flag decides, not a stray variable
+    if not has_gpu():
+        env["SGLANG_PLATFORM"] = "portable_cpu"
+    env.update(extra_env or {})
+    return env
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen, url: str, log_path: Path):
+        self.process, self.url, self.log_path = process, url, log_path
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextmanager
+def launch(model_path, enable_entropy=True, extra_args=(), extra_env=None, timeout=600, progress=None):
+    """Start the server, wait until it generates, yield a ``Server``, stop it."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="sglang-entropy-server-", suffix=".log", delete=False)
+    process = subprocess.Popen(
+        server_command(model_path, port, enable_entropy, extra_args),
+        env=server_env(extra_env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    server = Server(process, f"http://127.0.0.1:{port}", Path(log.name))
+    try:
+        _wait_ready(server, timeout, progress)
+        yield server
+    finally:
+        _stop(process)
+        log.close()
+
+
+def _wait_ready(server: Server, timeout: float, progress) -> None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"the SGLang server exited with {server.process.returncode}:\n{server.log_tail()}")
+        try:
+            if requests.get(f"{server.url}/health_generate", timeout=30).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if progress:
+            progress(time.monotonic() - start)
+        time.sleep(1)
+    raise TimeoutError(f"the SGLang server did not answer within {timeout} s:\n{server.log_tail()}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    import signal
+
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
