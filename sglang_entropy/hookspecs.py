@@ -65,7 +65,8 @@ def decode_step(policy, step):
 
 @hookspec
 def request_start(policy, request, state):
-    """A request that uses ``policy`` was given its slot, before its first token is sampled.
+    """Called when a request that uses ``policy`` was given its slot, before its first token
+    is sampled.
 
     ``request`` is a ``RequestInfo``; ``state`` is the policy's dict from ``init_state``.
     Reset the slot's buffers here. Returns nothing.
@@ -74,15 +75,16 @@ def request_start(policy, request, state):
 
 @hookspec
 def request_end(policy, request, reason, state):
-    """A request of ``policy`` left its slot: ``reason`` is "finished", "aborted" or "retracted".
-
-    Called on every path out, so per-request state can be freed. Returns nothing.
+    """Called when a request of ``policy`` leaves its slot, on every path out: ``reason`` is
+    "finished", "aborted" or "retracted" (SGLang retracts under memory pressure and
+    re-admits later, which calls ``request_start`` again). Free per-request state here.
+    Returns nothing.
     """
 
 
 @hookspec(firstresult=True)
 def group_trace_finished(policy, group, trace):
-    """A trace of a group finished.
+    """Called when a trace of a group finishes.
 
     ``group`` is a ``TraceGroup`` (its ``finished`` list already holds ``trace``, a
     ``TraceSummary``). Use it for warm-up calibration (set a threshold from the first

@@ -35,3 +35,6 @@ class PortableCpuPlatform(CpuDeviceMixin, SRTPlatform):
             server_args.attention_backend = "torch_native"
         if server_args.device is None:
             server_args.device = "cpu"
+        # The scheduler otherwise polls its sockets in a busy loop, taking a whole core from
+        # the model's own forward passes (and from any second server on the machine).
+        server_args.sleep_on_idle = True

@@ -1,0 +1,44 @@
+import json
+import signal
+import sys
+
+import pytest
+
+from sglang_entropy import server as sglang_server
+from sglang_entropy.model import build_default_model
+
+
+def pytest_configure(config):
+    # A SIGTERM (CI time-out, `timeout`) must still run the fixtures' teardown, which stops
+    # the servers; they run in their own process groups and would otherwise outlive pytest.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+@pytest.fixture(scope="session")
+def model_path():
+    return build_default_model()
+
+
+@pytest.fixture(scope="session")
+def entropy_server(model_path, tmp_path_factory):
+    """The real SGLang server with the adapter, the deepconf policy enabled, and a config file
+    that sets deepconf's default window to 8 tokens."""
+    config = tmp_path_factory.mktemp("config") / "entropy.json"
+    config.write_text(json.dumps({"policies": {"deepconf": {"window_size": 8}}}))
+    args = ["--entropy-policies", "deepconf", "--entropy-config", str(config)]
+    with sglang_server.launch(model_path, enable_entropy=True, extra_args=args) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def plain_server(model_path):
+    """The same server with the package installed but the adapter not enabled."""
+    with sglang_server.launch(model_path, enable_entropy=False) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)

@@ -1,0 +1,92 @@
+import json
+
+import pytest
+
+from pydantic import BaseModel
+
+from sglang_entropy import hookimpl
+from sglang_entropy.registry import PolicyRegistry, installed_policies, make_plugin_manager
+from sglang_entropy.types import PolicySpec
+from sglang_entropy.settings import EntropyRequestError, ServerSettings, load_config
+
+
+def settings(**env):
+    return ServerSettings.from_env({"SGLANG_ENTROPY_ENABLE": "1", **env})
+
+
+def resolve(raw, **env):
+    return settings(**env).resolve(raw, installed_policies())
+
+
+def test_no_entropy_options_means_nothing_to_do():
+    assert resolve(None) is None
+    assert resolve({"other": 1}) is None
+
+
+def test_valid_request_resolves_policy_params_and_signal_settings():
+    resolved = resolve({"entropy": {"policy": "deepconf", "params": {"threshold": 3, "window_size": 16, "top_k": 5},
+                                    "return_signals": ["confidence", "confidence", "entropy"]}})
+    assert resolved.policy == "deepconf"
+    assert resolved.params.threshold == 3.0
+    assert (resolved.window, resolved.confidence_k, resolved.entropy_k) == (16, 5, 20)
+    assert resolved.return_signals == ("confidence", "entropy")
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ({"entropy": {"policy": "no-such-policy"}}, "custom_params.entropy.policy"),
+        ({"entropy": {"policy": "deepconf", "params": {"threshold": "high"}}}, "custom_params.entropy.params.threshold"),
+        ({"entropy": {"policy": "deepconf", "params": {}}}, "custom_params.entropy.params.threshold"),
+        ({"entropy": {"policy": "deepconf", "params": {"threshold": 1, "bogus": 2}}}, "custom_params.entropy.params.bogus"),
+        ({"entropy": {"policy": "deepconf", "params": {"threshold": 1, "window_size": 4096}}}, "custom_params.entropy.params.window_size"),
+        ({"entropy": {"return_signals": ["perplexity"]}}, "custom_params.entropy.return_signals.0"),
+        ({"entropy": {"params": {"threshold": 1}}}, "custom_params.entropy.params"),
+        ({"entropy": {"policy": "deepconf", "code": "import os"}}, "custom_params.entropy.code"),
+        ({"entropy": "deepconf"}, "custom_params.entropy"),
+    ],
+)
+def test_invalid_requests_name_the_field(raw, field):
+    with pytest.raises(EntropyRequestError) as error:
+        resolve(raw)
+    assert str(error.value).startswith(field)
+
+
+def test_policy_not_enabled_at_launch_is_refused():
+    class OtherPolicy:
+        @hookimpl
+        def register_policies(self, register):
+            register(PolicySpec(name="other", params=BaseModel))
+
+    manager = make_plugin_manager()
+    manager.register(OtherPolicy())
+    registry = PolicyRegistry(manager)
+    with pytest.raises(EntropyRequestError, match="not enabled on this server") as error:
+        settings(SGLANG_ENTROPY_POLICIES="other").resolve(
+            {"entropy": {"policy": "deepconf", "params": {"threshold": 1}}}, registry
+        )
+    assert str(error.value).startswith("custom_params.entropy.policy")
+
+
+def test_config_file_sets_server_defaults(tmp_path):
+    path = tmp_path / "entropy.toml"
+    path.write_text('[signals]\nconfidence_top_k = 10\n\n[policies.deepconf]\nthreshold = 2.5\nwindow_size = 32\n')
+    resolved = resolve({"entropy": {"policy": "deepconf"}}, SGLANG_ENTROPY_CONFIG=str(path))
+    assert (resolved.params.threshold, resolved.window) == (2.5, 32)
+    # the policy's own top_k default (20) wins over the server's signal default
+    assert resolved.confidence_k == 20
+    assert resolve({"entropy": {"return_signals": ["confidence"]}}, SGLANG_ENTROPY_CONFIG=str(path)).confidence_k == 10
+
+
+def test_bad_config_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "entropy.json"
+    path.write_text(json.dumps({"signals": {"confidence_top_k": 0}}))
+    with pytest.raises(ValueError, match="confidence_top_k"):
+        load_config(path)
+    with pytest.raises(ValueError, match="No such file"):
+        load_config(tmp_path / "missing.json")
+
+
+def test_unknown_policy_at_launch_is_a_clear_error():
+    with pytest.raises(ValueError, match="not installed"):
+        settings(SGLANG_ENTROPY_POLICIES="deepconf,missing").enabled_policies(installed_policies())
