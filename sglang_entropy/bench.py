@@ -59,8 +59,10 @@ def run_overhead(args) -> int:
     device = "GPU" if sglang_server.has_gpu() else "CPU (portable_cpu platform)"
     results = []
     with console.status("starting two SGLang servers (adapter disabled, adapter enabled)…"):
-        with sglang_server.launch(model_path, enable_entropy=False) as plain, \
-             sglang_server.launch(model_path, enable_entropy=True) as enabled:
+        with (
+            sglang_server.launch(model_path, enable_entropy=False) as plain,
+            sglang_server.launch(model_path, enable_entropy=True) as enabled,
+        ):
             urls = {"adapter disabled": plain.url}
             urls.update({arm: enabled.url for arm in arms if arm != "adapter disabled"})
             for batch in batch_sizes:
@@ -72,18 +74,35 @@ def run_overhead(args) -> int:
                     order = list(arms) if round_index % 2 == 0 else list(reversed(arms))
                     for arm in order:
                         samples[arm].append(timed_batch(urls[arm], prompts, args.new_tokens, arms[arm]))
-                    console.print(f"batch {batch}, round {round_index + 1}/{args.rounds}: "
-                                  + ", ".join(f"{a} {samples[a][-1]:.1f} tok/s" for a in order))
+                    console.print(
+                        f"batch {batch}, round {round_index + 1}/{args.rounds}: "
+                        + ", ".join(f"{a} {samples[a][-1]:.1f} tok/s" for a in order)
+                    )
                 base = statistics.median(samples["adapter disabled"])
                 for arm in arms:
                     median = statistics.median(samples[arm])
-                    results.append({"batch": batch, "arm": arm, "tok_per_s_median": median,
-                                    "tok_per_s_samples": samples[arm], "ratio_to_disabled": median / base})
-    command = "sglang-entropy bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1:]) \
-        if "bench" in sys.argv else "sglang-entropy bench overhead"
+                    results.append(
+                        {
+                            "batch": batch,
+                            "arm": arm,
+                            "tok_per_s_median": median,
+                            "tok_per_s_samples": samples[arm],
+                            "ratio_to_disabled": median / base,
+                        }
+                    )
+    command = (
+        "sglang-entropy bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1 :])
+        if "bench" in sys.argv
+        else "sglang-entropy bench overhead"
+    )
     meta = {
-        "command": command, "device": device, "model": str(model_path), "new_tokens": args.new_tokens,
-        "rounds": args.rounds, "date": datetime.date.today().isoformat(), "machine": platform.machine(),
+        "command": command,
+        "device": device,
+        "model": str(model_path),
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "date": datetime.date.today().isoformat(),
+        "machine": platform.machine(),
     }
     write_results(Path(args.out), meta, results)
     table = Table(title=f"Decode throughput, {device}")
@@ -99,7 +118,9 @@ def run_overhead(args) -> int:
 def write_results(prefix: Path, meta: dict, results: list[dict]) -> None:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    absolute = "Absolute tokens/s on a CPU are not a speed claim; compare the ratios." if "CPU" in meta["device"] else ""
+    absolute = (
+        "Absolute tokens/s on a CPU are not a speed claim; compare the ratios." if "CPU" in meta["device"] else ""
+    )
     lines = [
         "# Adapter overhead: decode throughput, side by side in one run",
         "",
@@ -112,7 +133,9 @@ def write_results(prefix: Path, meta: dict, results: list[dict]) -> None:
         "|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['batch']} | {r['arm']} | {r['tok_per_s_median']:.1f} | {r['ratio_to_disabled']:.3f} "
-                     f"| {100 * (r['ratio_to_disabled'] - 1):+.1f}% |")
+        lines.append(
+            f"| {r['batch']} | {r['arm']} | {r['tok_per_s_median']:.1f} | {r['ratio_to_disabled']:.3f} "
+            f"| {100 * (r['ratio_to_disabled'] - 1):+.1f}% |"
+        )
     lines += ["", absolute]
     prefix.with_suffix(".md").write_text("\n".join(lines).rstrip() + "\n")

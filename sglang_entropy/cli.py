@@ -15,11 +15,21 @@ def cmd_plugins(args) -> int:
 
     registry = installed_policies()
     if args.json:
-        print(json.dumps([
-            {"name": p.spec.name, "package": p.distribution, "version": p.version,
-             "description": p.spec.description, "params": p.spec.params.model_json_schema()}
-            for p in registry
-        ], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": p.spec.name,
+                        "package": p.distribution,
+                        "version": p.version,
+                        "description": p.spec.description,
+                        "params": p.spec.params.model_json_schema(),
+                    }
+                    for p in registry
+                ],
+                indent=2,
+            )
+        )
         return 0
     table = Table(title="Installed sglang-entropy policies")
     for column in ("policy", "package", "version", "parameters"):

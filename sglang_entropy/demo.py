@@ -23,7 +23,9 @@ SIGNALS = ("entropy", "confidence", "margin")
 
 
 def chat_prompt(tokenizer, question: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def generate_with_signals(url: str, prompts: list[str], max_new_tokens: int) -> list[dict]:
@@ -52,7 +54,7 @@ def entropy_style(value: float, max_entropy: float) -> str:
 def coloured(output: dict, max_entropy: float = 4.0) -> Text:
     text = Text()
     tokens = [entry[2] for entry in output["meta_info"]["output_token_logprobs"]]
-    for token, value in zip(tokens, output["meta_info"]["entropy"]["signals"]["entropy"]):
+    for token, value in zip(tokens, output["meta_info"]["entropy"]["signals"]["entropy"], strict=True):
         text.append(token, style=entropy_style(value, max_entropy))
     return text
 
@@ -64,7 +66,7 @@ def plot(outputs: list[dict], questions, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(outputs), 1, figsize=(10, 2.6 * len(outputs)), squeeze=False)
-    for ax, output, question in zip(axes[:, 0], outputs, questions):
+    for ax, output, question in zip(axes[:, 0], outputs, questions, strict=True):
         signals = output["meta_info"]["entropy"]["signals"]
         ax.plot(signals["entropy"], label="entropy (nats)", color="tab:red")
         ax.plot(signals["confidence"], label="confidence (-mean top-20 logprob)", color="tab:blue")
@@ -83,6 +85,7 @@ def run_demo(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     where = "GPU" if sglang_server.has_gpu() else "CPU (portable_cpu platform)"
     with console.status(f"starting the SGLang server on {where}…") as status:
+
         def progress(seconds):
             status.update(f"starting the SGLang server on {where}… {seconds:.0f} s")
 
@@ -93,15 +96,21 @@ def run_demo(args) -> int:
             outputs = generate_with_signals(server.url, prompts, args.max_new_tokens)
             seconds = time.monotonic() - start
     log_vocab = math.log(len(tokenizer))
-    console.print(f"[bold]sglang-entropy demo[/bold]: {model_path} on {where}; colour = entropy per token "
-                  f"([green]sure[/green] → [red]unsure[/red], log V = {log_vocab:.1f} nats)\n")
-    for question, output in zip(PROMPTS, outputs):
+    console.print(
+        f"[bold]sglang-entropy demo[/bold]: {model_path} on {where}; colour = entropy per token "
+        f"([green]sure[/green] → [red]unsure[/red], log V = {log_vocab:.1f} nats)\n"
+    )
+    for question, output in zip(PROMPTS, outputs, strict=True):
         signals = output["meta_info"]["entropy"]["signals"]
         mean_entropy = sum(signals["entropy"]) / max(1, len(signals["entropy"]))
         console.print(f"[bold]Q:[/bold] {question}")
         console.print(Text("A: ").append_text(coloured(output)))
-        console.print(f"[dim]{len(signals['entropy'])} tokens, mean entropy {mean_entropy:.2f} nats, "
-                      f"mean confidence {sum(signals['confidence']) / max(1, len(signals['confidence'])):.2f}[/dim]\n")
+        console.print(
+            f"[dim]{len(signals['entropy'])} tokens, mean entropy {mean_entropy:.2f} nats, "
+            f"mean confidence {sum(signals['confidence']) / max(1, len(signals['confidence'])):.2f}[/dim]\n"
+        )
     plot(outputs, PROMPTS, args.plot)
-    console.print(f"{sum(len(o['output_ids']) for o in outputs)} tokens in {seconds:.1f} s; plot written to {args.plot}")
+    console.print(
+        f"{sum(len(o['output_ids']) for o in outputs)} tokens in {seconds:.1f} s; plot written to {args.plot}"
+    )
     return 0

@@ -34,9 +34,7 @@ class PolicyRegistry:
         if spec.name in self._policies:
             other = self._policies[spec.name].distribution
             raise ValueError(f"policy {spec.name!r} is registered twice ({other} and {dist and dist.name})")
-        self._policies[spec.name] = InstalledPolicy(
-            spec, dist.name if dist else None, dist.version if dist else None
-        )
+        self._policies[spec.name] = InstalledPolicy(spec, dist.name if dist else None, dist.version if dist else None)
 
     def names(self) -> list[str]:
         return sorted(self._policies)

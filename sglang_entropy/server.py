@@ -27,8 +27,19 @@ def free_port() -> int:
 
 
 def server_command(model_path: str | Path, port: int, enable_entropy: bool, extra_args=()) -> list[str]:
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
-           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        str(model_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     if not has_gpu():
         cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch"]
     if enable_entropy:
@@ -60,7 +71,10 @@ def launch(model_path, enable_entropy=True, extra_args=(), extra_env=None, timeo
     log = tempfile.NamedTemporaryFile(prefix="sglang-entropy-server-", suffix=".log", delete=False)
     process = subprocess.Popen(
         server_command(model_path, port, enable_entropy, extra_args),
-        env=server_env(extra_env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=server_env(extra_env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     server = Server(process, f"http://127.0.0.1:{port}", Path(log.name))
     try:

@@ -16,13 +16,16 @@ class PolicySpec:
     ``params`` is a pydantic model; a request's ``params`` are validated against it, so a
     policy is only ever configured by data. Numeric fields (int, float, bool) are also kept
     on the device, one value per request slot, and reach ``decode_step`` as ``step.params``.
-    ``stop_reasons`` names the reasons a ``DecodeDecision.stop_reason`` indexes.
+    ``stop_reasons`` names the reasons a ``DecodeDecision.stop_reason`` indexes. ``signals``
+    names the signals ``decode_step`` reads: entropy and varentropy cost extra passes over the
+    vocabulary, so they are computed only while a running request needs them.
     """
 
     name: str
     params: type[BaseModel]
     description: str = ""
     stop_reasons: tuple[str, ...] = ("policy",)
+    signals: tuple[str, ...] = ("entropy", "topk_entropy", "confidence", "margin", "varentropy", "group_confidence")
     family: str = "decode"  # "decode", "dllm" or "speculative"
 
 
@@ -38,6 +41,7 @@ class DecodeStep:
     mask: torch.Tensor  # [B] bool, rows of this policy
     slots: torch.Tensor  # [B] int64, request slot of each row (index into ``state`` buffers)
     token_index: torch.Tensor  # [B] int64, output index of the token being sampled
+    window_full: torch.Tensor  # [B] bool, the group-confidence window holds window_size tokens
     signals: Mapping[str, torch.Tensor]  # signal name -> [B] float32 (see sglang_entropy.signals)
     params: Mapping[str, torch.Tensor]  # numeric parameter name -> [B], this request's value
     state: dict[str, torch.Tensor]  # the policy's own per-slot buffers from ``init_state``

@@ -15,8 +15,15 @@ from sglang_entropy.types import DecodeStep, PolicySpec
 def test_every_hook_says_when_it_is_called_and_what_it_returns():
     hooks = [f for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, "sglang_entropy_spec")]
     assert {f.__name__ for f in hooks} >= {
-        "register_policies", "init_state", "decode_step", "request_start", "request_end",
-        "group_trace_finished", "group_vote", "unmask_step", "route_drafts",
+        "register_policies",
+        "init_state",
+        "decode_step",
+        "request_start",
+        "request_end",
+        "group_trace_finished",
+        "group_vote",
+        "unmask_step",
+        "route_drafts",
     }
     for hook in hooks:
         doc = inspect.getdoc(hook) or ""
@@ -31,8 +38,9 @@ def test_installed_policy_is_discovered_through_its_entry_point():
 
 
 def test_plugins_command_lists_policies_with_schema():
-    out = subprocess.run([sys.executable, "-m", "sglang_entropy.cli", "plugins", "--json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "sglang_entropy.cli", "plugins", "--json"], capture_output=True, text=True, check=True
+    ).stdout
     listed = {p["name"]: p for p in json.loads(out)}
     assert listed["deepconf"]["package"] == "sglang-entropy-prune"
     assert "threshold" in listed["deepconf"]["params"]["properties"]
@@ -63,6 +71,7 @@ def test_deepconf_stops_only_on_a_full_window_below_threshold():
         mask=torch.tensor([True, True, True, True]),
         slots=torch.tensor([1, 2, 3, 4]),
         token_index=torch.tensor([2, 3, 3, 10]),
+        window_full=torch.tensor([False, True, True, True]),
         signals={"group_confidence": torch.tensor([1.0, 1.0, 5.0, 2.9])},
         params={"threshold": torch.tensor([3.0, 3.0, 3.0, 3.0]), "window_size": torch.tensor([4, 4, 4, 4])},
         state={},

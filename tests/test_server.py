@@ -92,8 +92,14 @@ def test_bad_requests_get_400_while_a_valid_request_completes(entropy_server, pr
     valid = {}
 
     def run_valid():
-        valid["response"] = generate(entropy_server, prompts[1], {"return_signals": ["entropy"]},
-                                     temperature=0.7, max_new_tokens=64, ignore_eos=True)
+        valid["response"] = generate(
+            entropy_server,
+            prompts[1],
+            {"return_signals": ["entropy"]},
+            temperature=0.7,
+            max_new_tokens=64,
+            ignore_eos=True,
+        )
 
     thread = threading.Thread(target=run_valid)
     thread.start()
@@ -104,8 +110,12 @@ def test_bad_requests_get_400_while_a_valid_request_completes(entropy_server, pr
             assert field in response.json()["error"]["message"]
     client = openai.OpenAI(base_url=f"{entropy_server.url}/v1", api_key="none")
     with pytest.raises(openai.BadRequestError, match="custom_params.entropy.params.threshold"):
-        client.completions.create(model="default", prompt="Hi", max_tokens=4,
-                                  extra_body={"custom_params": {"entropy": {"policy": "deepconf", "params": {"threshold": None}}}})
+        client.completions.create(
+            model="default",
+            prompt="Hi",
+            max_tokens=4,
+            extra_body={"custom_params": {"entropy": {"policy": "deepconf", "params": {"threshold": None}}}},
+        )
     thread.join()
     response = valid["response"]
     assert response.status_code == 200
@@ -135,11 +145,18 @@ def test_stream_chunks_carry_the_new_tokens_values(entropy_server, prompts):
 def test_openai_endpoints_take_extra_body_and_return_signals(entropy_server):
     client = openai.OpenAI(base_url=f"{entropy_server.url}/v1", api_key="none")
     extra = {"custom_params": {"entropy": {"return_signals": ["entropy", "varentropy"]}}}
-    completion = client.completions.create(model="default", prompt="The sea is", max_tokens=12, temperature=0, extra_body=extra)
+    completion = client.completions.create(
+        model="default", prompt="The sea is", max_tokens=12, temperature=0, extra_body=extra
+    )
     [info] = completion.metadata["entropy"]
     assert len(info["signals"]["varentropy"]) == completion.usage.completion_tokens
-    chat = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Say hello."}],
-                                          max_tokens=12, temperature=0, extra_body=extra)
+    chat = client.chat.completions.create(
+        model="default",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=12,
+        temperature=0,
+        extra_body=extra,
+    )
     [info] = chat.metadata["entropy"]
     assert len(info["signals"]["entropy"]) == chat.usage.completion_tokens
 
@@ -149,7 +166,11 @@ def test_deepconf_stops_exactly_at_the_first_crossing(entropy_server, prompts, t
     """The config file sets deepconf's window to 8 tokens; the test recomputes every window
     mean from the returned confidences."""
     window = 8
-    entropy = {"policy": "deepconf", "params": {"threshold": threshold}, "return_signals": ["confidence", "group_confidence"]}
+    entropy = {
+        "policy": "deepconf",
+        "params": {"threshold": threshold},
+        "return_signals": ["confidence", "group_confidence"],
+    }
     outputs = generate(entropy_server, prompts * 2, entropy, temperature=1.0, max_new_tokens=48).json()
     stopped = 0
     for output in outputs:
@@ -162,9 +183,16 @@ def test_deepconf_stops_exactly_at_the_first_crossing(entropy_server, prompts, t
         if crossings:
             first = crossings[0]
             assert first == len(confidence) - 1, "the trace must end on its first crossing"
-            assert stops == [{"kind": "stop", "token_index": first, "policy": "deepconf",
-                              "reason": "low_group_confidence", "group_confidence": pytest.approx(means[first], rel=1e-4),
-                              "threshold": threshold}]
+            assert stops == [
+                {
+                    "kind": "stop",
+                    "token_index": first,
+                    "policy": "deepconf",
+                    "reason": "low_group_confidence",
+                    "group_confidence": pytest.approx(means[first], rel=1e-4),
+                    "threshold": threshold,
+                }
+            ]
             assert meta["finish_reason"]["entropy_policy"] == "deepconf"
             assert meta["completion_tokens"] == first + 1
             stopped += 1
@@ -176,7 +204,8 @@ def test_deepconf_stops_exactly_at_the_first_crossing(entropy_server, prompts, t
 
 
 def test_launch_flags_are_documented():
-    help_text = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"],
-                               capture_output=True, text=True, timeout=300).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True, text=True, timeout=300
+    ).stdout
     for flag in ("--enable-entropy", "--entropy-policies", "--entropy-config"):
         assert flag in help_text

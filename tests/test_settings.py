@@ -1,13 +1,12 @@
 import json
 
 import pytest
-
 from pydantic import BaseModel
 
 from sglang_entropy import hookimpl
 from sglang_entropy.registry import PolicyRegistry, installed_policies, make_plugin_manager
-from sglang_entropy.types import PolicySpec
 from sglang_entropy.settings import EntropyRequestError, ServerSettings, load_config
+from sglang_entropy.types import PolicySpec
 
 
 def settings(**env):
@@ -24,8 +23,15 @@ def test_no_entropy_options_means_nothing_to_do():
 
 
 def test_valid_request_resolves_policy_params_and_signal_settings():
-    resolved = resolve({"entropy": {"policy": "deepconf", "params": {"threshold": 3, "window_size": 16, "top_k": 5},
-                                    "return_signals": ["confidence", "confidence", "entropy"]}})
+    resolved = resolve(
+        {
+            "entropy": {
+                "policy": "deepconf",
+                "params": {"threshold": 3, "window_size": 16, "top_k": 5},
+                "return_signals": ["confidence", "confidence", "entropy"],
+            }
+        }
+    )
     assert resolved.policy == "deepconf"
     assert resolved.params.threshold == 3.0
     assert (resolved.window, resolved.confidence_k, resolved.entropy_k) == (16, 5, 20)
@@ -36,10 +42,19 @@ def test_valid_request_resolves_policy_params_and_signal_settings():
     "raw, field",
     [
         ({"entropy": {"policy": "no-such-policy"}}, "custom_params.entropy.policy"),
-        ({"entropy": {"policy": "deepconf", "params": {"threshold": "high"}}}, "custom_params.entropy.params.threshold"),
+        (
+            {"entropy": {"policy": "deepconf", "params": {"threshold": "high"}}},
+            "custom_params.entropy.params.threshold",
+        ),
         ({"entropy": {"policy": "deepconf", "params": {}}}, "custom_params.entropy.params.threshold"),
-        ({"entropy": {"policy": "deepconf", "params": {"threshold": 1, "bogus": 2}}}, "custom_params.entropy.params.bogus"),
-        ({"entropy": {"policy": "deepconf", "params": {"threshold": 1, "window_size": 4096}}}, "custom_params.entropy.params.window_size"),
+        (
+            {"entropy": {"policy": "deepconf", "params": {"threshold": 1, "bogus": 2}}},
+            "custom_params.entropy.params.bogus",
+        ),
+        (
+            {"entropy": {"policy": "deepconf", "params": {"threshold": 1, "window_size": 4096}}},
+            "custom_params.entropy.params.window_size",
+        ),
         ({"entropy": {"return_signals": ["perplexity"]}}, "custom_params.entropy.return_signals.0"),
         ({"entropy": {"params": {"threshold": 1}}}, "custom_params.entropy.params"),
         ({"entropy": {"policy": "deepconf", "code": "import os"}}, "custom_params.entropy.code"),
@@ -70,7 +85,7 @@ def test_policy_not_enabled_at_launch_is_refused():
 
 def test_config_file_sets_server_defaults(tmp_path):
     path = tmp_path / "entropy.toml"
-    path.write_text('[signals]\nconfidence_top_k = 10\n\n[policies.deepconf]\nthreshold = 2.5\nwindow_size = 32\n')
+    path.write_text("[signals]\nconfidence_top_k = 10\n\n[policies.deepconf]\nthreshold = 2.5\nwindow_size = 32\n")
     resolved = resolve({"entropy": {"policy": "deepconf"}}, SGLANG_ENTROPY_CONFIG=str(path))
     assert (resolved.params.threshold, resolved.window) == (2.5, 32)
     # the policy's own top_k default (20) wins over the server's signal default

@@ -48,7 +48,9 @@ def test_signals_on_peaked_and_flat_distributions(device):
     peaked[0, 3] = 0.0
     flat = np.zeros((1, vocab), dtype=np.float32)
     check(np.concatenate([peaked, flat]), [20, 20], [20, 20], device)
-    got = token_signals(torch.tensor(flat, device=device), torch.tensor([20], device=device), torch.tensor([20], device=device))
+    got = token_signals(
+        torch.tensor(flat, device=device), torch.tensor([20], device=device), torch.tensor([20], device=device)
+    )
     assert got["entropy"].item() == pytest.approx(np.log(vocab), rel=1e-5)
     assert got["topk_entropy"].item() == pytest.approx(np.log(20), rel=1e-5)
 
@@ -95,7 +97,30 @@ def test_group_confidence_is_the_sliding_window_mean(device, window, lengths, se
         )
         for row, i in enumerate(rows):
             seen[i].append((means[row].item(), bool(full[row])))
-    for trace, got in zip(traces, seen):
+    for trace, got in zip(traces, seen, strict=True):
         expected = reference.window_means(trace, window)
         np.testing.assert_allclose([m for m, _ in got], expected, rtol=1e-5, atol=1e-5)
         assert [f for _, f in got] == [i + 1 >= window for i in range(len(trace))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=60, deadline=None)
+@given(window=st.integers(1, 12), length=st.integers(2, 40), data=st.data())
+def test_window_restarts_cleanly_after_readmission_to_a_used_slot(device, window, length, data):
+    """A retracted request re-admitted in a slot that held another request's values."""
+    readmitted_at = data.draw(st.integers(1, length - 1))
+    rng = np.random.default_rng(length)
+    trace = rng.uniform(0, 10, length)
+    windows = GroupConfidenceWindows(num_slots=3, max_window=16, device=device)
+    windows.values[2] = 1000.0  # another request's leftovers
+    for step in range(readmitted_at, length):
+        mean, full = windows.update(
+            torch.tensor([2], device=device),
+            torch.tensor([step], device=device),
+            torch.tensor([trace[step]], dtype=torch.float32, device=device),
+            torch.tensor([window], device=device),
+            first_index=torch.tensor([readmitted_at], device=device),
+        )
+        since = trace[readmitted_at : step + 1]
+        assert mean.item() == pytest.approx(since[-window:].mean(), rel=1e-5)
+        assert bool(full) == (len(since) >= window)

@@ -49,7 +49,6 @@ def add_flags(result, parser: argparse.ArgumentParser):
         "--entropy-config",
         action=_EnvAction,
         metavar="FILE",
-        help="JSON or TOML file with signal settings and default parameters per policy "
-        "(env: SGLANG_ENTROPY_CONFIG).",
+        help="JSON or TOML file with signal settings and default parameters per policy (env: SGLANG_ENTROPY_CONFIG).",
     )
     return result

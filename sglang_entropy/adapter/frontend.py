@@ -110,8 +110,16 @@ _OPENAI = "sglang.srt.entrypoints.openai"
 HOOKS = (
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request", generate_request, HookType.AROUND),
     ("sglang.srt.entrypoints.http_server.serve_generate_request", serve_generate_request, HookType.AROUND),
-    (f"{_OPENAI}.serving_completions.OpenAIServingCompletion._validate_request", validate_openai_request, HookType.AROUND),
+    (
+        f"{_OPENAI}.serving_completions.OpenAIServingCompletion._validate_request",
+        validate_openai_request,
+        HookType.AROUND,
+    ),
     (f"{_OPENAI}.serving_chat.OpenAIServingChat._validate_request", validate_openai_request, HookType.AROUND),
-    (f"{_OPENAI}.serving_completions.OpenAIServingCompletion._build_completion_response", add_openai_metadata, HookType.AFTER),
+    (
+        f"{_OPENAI}.serving_completions.OpenAIServingCompletion._build_completion_response",
+        add_openai_metadata,
+        HookType.AFTER,
+    ),
     (f"{_OPENAI}.serving_chat.OpenAIServingChat._build_chat_response", add_openai_metadata, HookType.AFTER),
 )

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
-from pydantic import BaseModel
 
 from sglang_entropy.registry import PolicyRegistry, installed_policies
 from sglang_entropy.settings import ResolvedRequest, ServerSettings
-from sglang_entropy.signals import SIGNAL_NAMES, GroupConfidenceWindows, token_signals
+from sglang_entropy.signals import FULL_VOCAB_SIGNALS, SIGNAL_NAMES, GroupConfidenceWindows, token_signals
 from sglang_entropy.types import DecodeStep, RequestInfo
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class RequestRecord:
     resolved: ResolvedRequest
     policy_index: int  # -1 without a policy
     info: RequestInfo | None
+    signals: frozenset[str]  # signals this request or its policy reads
 
 
 def _param_dtype(annotation) -> torch.dtype | None:
@@ -88,6 +89,7 @@ class EntropyRuntime:
         zeros = lambda dtype: torch.zeros(num_slots, dtype=dtype, device=device)  # noqa: E731
         self.active = zeros(torch.bool)
         self.prompt_len = zeros(torch.int64)
+        self.first_index = zeros(torch.int64)  # first output index this slot sees (> 0 after a retraction)
         self.confidence_k = zeros(torch.int64).fill_(signals.confidence_top_k)
         self.entropy_k = zeros(torch.int64).fill_(signals.entropy_top_k)
         self.window = zeros(torch.int64).fill_(signals.window_size)
@@ -110,6 +112,7 @@ class EntropyRuntime:
         # request's slot before it hands us the request's last token.
         self.ended: dict[str, RequestRecord] = {}
         self.active_per_policy = [0] * len(self.policies)
+        self.signal_users: Counter[str] = Counter()  # running requests that need each signal
 
     @property
     def num_active(self) -> int:
@@ -131,6 +134,7 @@ class EntropyRuntime:
         slot = req.kv.req_pool_idx
         self.active[slot] = True
         self.prompt_len[slot] = len(req.origin_input_ids)
+        self.first_index[slot] = len(req.output_ids)
         self.confidence_k[slot] = resolved.confidence_k
         self.entropy_k[slot] = resolved.entropy_k
         self.window[slot] = resolved.window
@@ -154,7 +158,12 @@ class EntropyRuntime:
                 logger.exception("policy %s failed to start request %s", resolved.policy, req.rid)
                 req.to_finish = _policy_failure(resolved.policy, e)
         self.policy_index[slot] = policy_index
-        self.records[req.rid] = RequestRecord(req.rid, slot, resolved, policy_index, info)
+        signals = set(resolved.return_signals)
+        if resolved.policy is not None:
+            signals.update(self.registry.get(resolved.policy).spec.signals)
+        record = RequestRecord(req.rid, slot, resolved, policy_index, info, frozenset(signals))
+        self.records[req.rid] = record
+        self.signal_users.update(record.signals)
         req.customized_info = req.customized_info or {}
         for name in resolved.return_signals:
             req.customized_info.setdefault(SIGNAL_KEY + name, [])
@@ -167,6 +176,7 @@ class EntropyRuntime:
         if record is None:
             return
         self.ended[req.rid] = record
+        self.signal_users.subtract(record.signals)
         self.active[record.slot] = False
         self.policy_index[record.slot] = -1
         if record.info is not None:
@@ -186,9 +196,10 @@ class EntropyRuntime:
         write_slots = torch.where(valid, slots, torch.full_like(slots, SCRATCH_SLOT))
         token_index = token_index.clamp(min=0)
 
-        signals = token_signals(logits, self.confidence_k[slots], self.entropy_k[slots])
-        signals["group_confidence"], _ = self.windows.update(
-            write_slots, token_index, signals["confidence"], self.window[slots]
+        full_vocab = any(self.signal_users[name] > 0 for name in FULL_VOCAB_SIGNALS)
+        signals = token_signals(logits, self.confidence_k[slots], self.entropy_k[slots], full_vocab)
+        signals["group_confidence"], window_full = self.windows.update(
+            write_slots, token_index, signals["confidence"], self.window[slots], self.first_index[slots]
         )
 
         false = torch.zeros_like(valid)
@@ -204,6 +215,7 @@ class EntropyRuntime:
                 mask=mask,
                 slots=write_slots,
                 token_index=token_index,
+                window_full=window_full,
                 signals=signals,
                 params={k: v[slots] for k, v in self.params[index].items()},
                 state=self.state[index],
@@ -230,7 +242,15 @@ class EntropyRuntime:
                 previous = event_columns.get(key, torch.full_like(signals["entropy"], math.nan))
                 event_columns[key] = torch.where(mask, values.float(), previous)
 
-        columns = [valid, token_index, *(signals[n] for n in SIGNAL_NAMES), stop, stop_reason, branch_width]
+        not_computed = torch.full_like(signals["confidence"], math.nan)
+        columns = [
+            valid,
+            token_index,
+            *(signals.get(n, not_computed) for n in SIGNAL_NAMES),
+            stop,
+            stop_reason,
+            branch_width,
+        ]
         columns += list(event_columns.values())
         packed = torch.stack([c.float() for c in columns], dim=1)  # [B, C]
         return StepOutput(packed, tuple(event_columns), failures)
@@ -261,13 +281,13 @@ class HostStepOutput:
         """One dict per batch row. A host tensor: SGLang has already waited for the copy."""
         if self._rows is None:
             names = (*FIXED_COLUMNS, *self.event_names)
-            self._rows = [dict(zip(names, row)) for row in self.packed.tolist()]
+            self._rows = [dict(zip(names, row, strict=True)) for row in self.packed.tolist()]
         return self._rows
 
     def stops(self, batch) -> None:
         """Mark the requests whose policy said stop, before SGLang commits their token."""
         runtime = current_runtime()
-        for req, row in zip(batch.reqs, self.rows()):
+        for req, row in zip(batch.reqs, self.rows(), strict=True):
             record = runtime.records.get(req.rid)
             if record is None or record.info is None or req.finished() or not row["valid"]:
                 continue

@@ -4,9 +4,16 @@ Every function takes device tensors and returns device tensors; nothing here rea
 back to the host, so the decode step never waits on the device.
 """
 
-from sglang_entropy.signals.token import MAX_TOP_K, TOKEN_SIGNALS, token_signals
+from sglang_entropy.signals.token import FULL_VOCAB_SIGNALS, MAX_TOP_K, TOKEN_SIGNALS, token_signals
 from sglang_entropy.signals.window import GroupConfidenceWindows
 
 SIGNAL_NAMES = (*TOKEN_SIGNALS, "group_confidence")
 
-__all__ = ["MAX_TOP_K", "SIGNAL_NAMES", "TOKEN_SIGNALS", "GroupConfidenceWindows", "token_signals"]
+__all__ = [
+    "FULL_VOCAB_SIGNALS",
+    "MAX_TOP_K",
+    "SIGNAL_NAMES",
+    "TOKEN_SIGNALS",
+    "GroupConfidenceWindows",
+    "token_signals",
+]

@@ -17,22 +17,39 @@ TOKEN_SIGNALS = ("entropy", "topk_entropy", "confidence", "margin", "varentropy"
 MAX_TOP_K = 64  # largest k a request may ask for; one top-k of this width serves every row
 
 
+FULL_VOCAB_SIGNALS = ("entropy", "varentropy")  # the others need only the top-k
+
+
 def token_signals(
     logits: torch.Tensor,  # [B, V], any float dtype
     confidence_k: torch.Tensor,  # [B] int, k of DeepConf's confidence per row
     entropy_k: torch.Tensor,  # [B] int, K of the top-K entropy per row
+    full_vocab: bool = True,  # also compute entropy and varentropy (three more passes over V)
 ) -> dict[str, torch.Tensor]:  # name -> [B] float32
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
-    probs = logprobs.exp()
-    # 0 * log 0 is 0 for the entropy, not nan
-    plogp = torch.where(probs > 0, probs * logprobs, torch.zeros_like(probs))
-    entropy = -plogp.sum(dim=-1)  # [B]
-    centred = torch.where(probs > 0, logprobs + entropy[:, None], torch.zeros_like(probs))
-    varentropy = (probs * centred.square()).sum(dim=-1)  # [B]
-
     width = min(MAX_TOP_K, logits.shape[-1])
     top_logprobs = logprobs.topk(width, dim=-1).values  # [B, width], descending
-    rank = torch.arange(width, device=logits.device)[None, :]  # [1, width]
+    signals = _top_k_signals(top_logprobs, confidence_k, entropy_k)
+    if full_vocab:
+        signals.update(_full_vocab_signals(logprobs))
+    return signals
+
+
+def _full_vocab_signals(logprobs: torch.Tensor) -> dict[str, torch.Tensor]:
+    # Passes over the vocabulary dominate the cost on a CPU, so one buffer is reused in place:
+    # p log p, then p (log p)^2. A masked token (log p = -inf, p = 0) gives nan in both,
+    # which nansum counts as the 0 they are.
+    moments = logprobs.exp().mul_(logprobs)  # [B, V] p log p
+    entropy = -moments.nansum(dim=-1)  # [B]
+    second_moment = moments.mul_(logprobs).nansum(dim=-1)  # [B] sum p (log p)^2
+    # V = sum p (log p + H)^2 = sum p (log p)^2 - H^2, as sum p log p = -H and sum p = 1
+    varentropy = (second_moment - entropy.square()).clamp(min=0)
+    return {"entropy": entropy, "varentropy": varentropy}
+
+
+def _top_k_signals(top_logprobs, confidence_k, entropy_k) -> dict[str, torch.Tensor]:
+    width = top_logprobs.shape[-1]
+    rank = torch.arange(width, device=top_logprobs.device)[None, :]  # [1, width]
 
     in_conf = rank < confidence_k[:, None]  # [B, width]
     conf_sum = torch.where(in_conf, top_logprobs, torch.zeros_like(top_logprobs)).sum(dim=-1)
@@ -44,11 +61,5 @@ def token_signals(
     p_renorm = renormalised.exp()
     topk_entropy = -torch.where(in_topk, p_renorm * renormalised, torch.zeros_like(p_renorm)).sum(dim=-1)
 
-    margin = top_logprobs[:, 0] - top_logprobs[:, 1] if width > 1 else torch.zeros_like(entropy)
-    return {
-        "entropy": entropy,
-        "topk_entropy": topk_entropy,
-        "confidence": confidence,
-        "margin": margin,
-        "varentropy": varentropy,
-    }
+    margin = top_logprobs[:, 0] - top_logprobs[:, 1] if width > 1 else torch.zeros_like(confidence)
+    return {"confidence": confidence, "topk_entropy": topk_entropy, "margin": margin}

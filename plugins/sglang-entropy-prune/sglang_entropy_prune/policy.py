@@ -7,7 +7,6 @@ over the last ``window_size`` tokens; the window is "full" once the trace has th
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from sglang_entropy import hookimpl
@@ -26,8 +25,7 @@ class DeepConfParams(BaseModel):
 def deepconf_stop(step: DecodeStep) -> DecodeDecision:
     group_confidence = step.signals["group_confidence"]  # [B]
     threshold = step.params["threshold"]  # [B]
-    window_full = step.token_index + 1 >= step.params["window_size"]  # [B]
-    stop = window_full & (group_confidence < threshold)
+    stop = step.window_full & (group_confidence < threshold)
     return DecodeDecision(
         stop=stop,
         event_values={"group_confidence": group_confidence, "threshold": threshold},
@@ -40,8 +38,9 @@ def register_policies(register):
         PolicySpec(
             name=NAME,
             params=DeepConfParams,
-            description="DeepConf online: stop a trace when its sliding-window group confidence drops below a threshold",
+            description="DeepConf online: stop a trace once its window group confidence falls below a threshold",
             stop_reasons=("low_group_confidence",),
+            signals=("confidence", "group_confidence"),
         )
     )
 
