@@ -239,7 +239,7 @@ class EntropyRuntime:
             if decision.logit_bias is not None:
                 logits.add_(torch.where(mask[:, None], decision.logit_bias, torch.zeros_like(decision.logit_bias)))
             for key, values in decision.event_values.items():
-                previous = event_columns.get(key, torch.full_like(signals["entropy"], math.nan))
+                previous = event_columns.get(key, torch.full_like(signals["confidence"], math.nan))
                 event_columns[key] = torch.where(mask, values.float(), previous)
 
         not_computed = torch.full_like(signals["confidence"], math.nan)
@@ -360,7 +360,7 @@ def _put(values: list, index: int, value) -> None:
 def _policy_failure(policy: str, error: Exception):
     from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
-    return FINISH_ABORT(f"entropy policy {policy!r} failed: {type(error).__name__}: {error}", status_code=500)
+    return FINISH_ABORT(f"sglang-entropy ({policy}) failed: {type(error).__name__}: {error}", status_code=500)
 
 
 def _end_reason(req) -> str:
@@ -382,14 +382,20 @@ class EntropyObserver:
     def __init__(self, runtime: EntropyRuntime):
         self.runtime = runtime
         self.forward_batch = None  # set by the ModelRunner.sample hook for the current call
+        self.failure: Exception | None = None  # an error of the step, for the batch's requests
 
     def is_active(self, sampling_info) -> bool:
         return self.runtime.num_active > 0 and self.forward_batch is not None
 
-    def before_grammar(self, logits: torch.Tensor, sampling_info) -> StepOutput:
+    def before_grammar(self, logits: torch.Tensor, sampling_info) -> StepOutput | None:
         batch = self.forward_batch
         rows = logits.shape[0]
-        return self.runtime.step(logits, batch.req_pool_indices[:rows], batch.seq_lens[:rows])
+        try:
+            return self.runtime.step(logits, batch.req_pool_indices[:rows], batch.seq_lens[:rows])
+        except Exception as e:  # fail the requests that use the adapter, keep the server
+            logger.exception("the entropy step failed")
+            self.failure = e
+            return None
 
     def after_sample(self, state: StepOutput, token_ids: torch.Tensor) -> StepOutput:
         return state
@@ -407,6 +413,17 @@ def create_runtime(num_slots: int, device) -> EntropyRuntime:
     global _RUNTIME
     _RUNTIME = EntropyRuntime(num_slots, torch.device(device), ServerSettings.from_env(), installed_policies())
     return _RUNTIME
+
+
+def abort_after_step_failure(observer: EntropyObserver, batch) -> None:
+    """The step raised (see ``EntropyObserver.before_grammar``): end this batch's requests
+    that use the adapter, with the error as their abort message."""
+    error, observer.failure = observer.failure, None
+    runtime = observer.runtime
+    for req in batch.reqs:
+        record = runtime.records.get(req.rid)
+        if record is not None and not req.finished():
+            req.to_finish = _policy_failure(record.resolved.policy or "signal step", error)
 
 
 def find_host_output(result) -> HostStepOutput | None:

@@ -6,13 +6,17 @@ from sglang.srt.plugins.hook_registry import HookType
 
 from sglang_entropy.adapter import runtime
 
+_OBSERVER: runtime.EntropyObserver | None = None
+
 
 def install_observer(result, model_runner, *args, **kwargs):
     if model_runner.is_draft_worker or not model_runner.supports_sampling_observer():
         return
     pool = model_runner.req_to_token_pool
+    global _OBSERVER
     state = runtime.create_runtime(num_slots=pool.req_to_token.shape[0], device=model_runner.device)
-    model_runner.sampling_observer = runtime.EntropyObserver(state)
+    _OBSERVER = runtime.EntropyObserver(state)
+    model_runner.sampling_observer = _OBSERVER
 
 
 def sample_with_batch(original, model_runner, logits_output, forward_batch, *args, **kwargs):
@@ -39,6 +43,9 @@ def end_request(pool, req, *args, **kwargs):
 
 
 def apply_stops(processor, batch, result, *args, **kwargs):
+    observer = _OBSERVER
+    if observer is not None and observer.failure is not None:
+        runtime.abort_after_step_failure(observer, batch)
     host = runtime.find_host_output(result)
     if host is None:
         return
