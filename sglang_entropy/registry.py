@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 
 import pluggy
 
@@ -69,6 +68,3 @@ def installed_policies() -> PolicyRegistry:
     """The registry of every policy installed in this Python environment."""
     return PolicyRegistry(make_plugin_manager())
 
-
-def entry_point_names() -> list[str]:
-    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))

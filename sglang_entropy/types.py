@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from pydantic import BaseModel
@@ -142,5 +142,3 @@ class DraftProposals:
     parents: torch.Tensor | None = None  # [D, B, N] parent node per tree node; None for chains
     drafter_names: tuple[str, ...] = ()
 
-
-RegisterPolicy = Callable[[PolicySpec], None]
