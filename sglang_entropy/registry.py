@@ -67,4 +67,3 @@ def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
 def installed_policies() -> PolicyRegistry:
     """The registry of every policy installed in this Python environment."""
     return PolicyRegistry(make_plugin_manager())
-

@@ -141,4 +141,3 @@ class DraftProposals:
     logprobs: torch.Tensor  # [D, B, N] draft log-probability of each drafted token
     parents: torch.Tensor | None = None  # [D, B, N] parent node per tree node; None for chains
     drafter_names: tuple[str, ...] = ()
-
