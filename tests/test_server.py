@@ -168,6 +168,36 @@ def test_openai_endpoints_take_extra_body_and_return_signals(entropy_server):
     assert len(info["signals"]["entropy"]) == chat.usage.completion_tokens
 
 
+def test_openai_streams_carry_each_chunks_new_values(entropy_server):
+    client = openai.OpenAI(base_url=f"{entropy_server.url}/v1", api_key="none")
+    extra = {"custom_params": {"entropy": {"return_signals": ["entropy", "confidence"]}}}
+    request = {"model": "default", "prompt": "Rivers flow", "max_tokens": 16, "temperature": 0, "extra_body": extra}
+    expected = client.completions.create(**request).metadata["entropy"][0]["signals"]
+    streamed = {"entropy": [], "confidence": []}
+    for chunk in client.completions.create(**request, stream=True):
+        for entry in (chunk.model_extra.get("metadata") or {}).get("entropy", []):
+            for name in streamed:
+                streamed[name] += entry["signals"][name]
+    for name in streamed:
+        assert streamed[name] == pytest.approx(expected[name], rel=1e-6)
+
+    chat_values = []
+    for chunk in client.chat.completions.create(
+        model="default",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=12,
+        temperature=0,
+        extra_body=extra,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        for entry in (chunk.model_extra.get("metadata") or {}).get("entropy", []):
+            chat_values += entry["signals"]["entropy"]
+        if chunk.usage is not None:
+            completion_tokens = chunk.usage.completion_tokens
+    assert len(chat_values) == completion_tokens
+
+
 @pytest.mark.parametrize("threshold", [4.0, 5.0, 6.0])
 def test_deepconf_stops_exactly_at_the_first_crossing(entropy_server, prompts, threshold):
     """The config file sets deepconf's window to 8 tokens; the test recomputes every window

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sglang_entropy.signals import MAX_TOP_K, GroupConfidenceWindows, token_signals
+from sglang_entropy.signals import MAX_TOP_K, GroupConfidenceWindows, Workspace, token_signals
 from tests import reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -124,3 +124,14 @@ def test_window_restarts_cleanly_after_readmission_to_a_used_slot(device, window
         since = trace[readmitted_at : step + 1]
         assert mean.item() == pytest.approx(since[-window:].mean(), rel=1e-5)
         assert bool(full) == (len(since) >= window)
+
+
+def test_reused_workspace_gives_the_same_signals_as_fresh_buffers():
+    workspace = Workspace()
+    for rows in (4, 9, 2, 9):  # grows, shrinks, reuses
+        logits = torch.randn(rows, 500) * 4
+        k = torch.full((rows,), 20)
+        fresh = token_signals(logits, k, k)
+        reused = token_signals(logits, k, k, workspace=workspace)
+        for name, values in fresh.items():
+            torch.testing.assert_close(reused[name], values, msg=name)

@@ -8,6 +8,7 @@ fails.
 from __future__ import annotations
 
 import functools
+import json
 
 from sglang.srt.plugins.hook_registry import HookType
 
@@ -49,6 +50,20 @@ def entropy_field(meta_info: dict, policy: str | None, offset: int) -> tuple[dic
     return {"policy": policy, "signals": signals, "events": events}, end
 
 
+# OpenAI streams in flight: id of the request object -> choice index -> entropy values not
+# yet attached to an SSE chunk (see ``openai_stream``).
+_OPENAI_STREAMS: dict[int, dict[int, dict]] = {}
+
+
+def _merge(pending: dict | None, new: dict) -> dict:
+    if pending is None:
+        return new
+    for name, values in new["signals"].items():
+        pending["signals"].setdefault(name, []).extend(values)
+    pending["events"].extend(new["events"])
+    return pending
+
+
 def generate_request(original, tokenizer_manager, obj, request=None):
     """Wrap TokenizerManager.generate_request (an async generator)."""
 
@@ -70,6 +85,9 @@ def generate_request(original, tokenizer_manager, obj, request=None):
                     item["meta_info"]["entropy"], end = shaped
                     if cumulative:
                         offsets[index] = end
+                    openai_pending = _OPENAI_STREAMS.get(id(obj))
+                    if openai_pending is not None:
+                        openai_pending[index] = _merge(openai_pending.get(index), item["meta_info"]["entropy"])
             yield out
 
     return outputs()
@@ -106,20 +124,45 @@ def add_openai_metadata(response, serving, request, ret, created):
     return response
 
 
+def openai_stream(original, serving, adapted_request, *args, **kwargs):
+    """Wrap an OpenAI stream generator: each SSE chunk gets ``metadata.entropy``, one entry
+    per choice in the chunk, holding the values of the tokens new since that choice's
+    previous chunk."""
+
+    async def chunks():
+        pending: dict[int, dict] = {}
+        _OPENAI_STREAMS[id(adapted_request)] = pending
+        try:
+            async for sse in original(serving, adapted_request, *args, **kwargs):
+                yield _attach_entropy(sse, pending)
+        finally:
+            _OPENAI_STREAMS.pop(id(adapted_request), None)
+
+    return chunks()
+
+
+def _attach_entropy(sse: str, pending: dict[int, dict]) -> str:
+    if not pending or not sse.startswith("data: {"):
+        return sse
+    chunk = json.loads(sse[len("data: ") :])
+    choices = chunk.get("choices") or []
+    entries = [pending.pop(choice.get("index", 0), None) for choice in choices]
+    if not any(entries):
+        return sse
+    chunk["metadata"] = {**(chunk.get("metadata") or {}), "entropy": entries}
+    return f"data: {json.dumps(chunk)}\n\n"
+
+
 _OPENAI = "sglang.srt.entrypoints.openai"
+_COMPLETIONS = f"{_OPENAI}.serving_completions.OpenAIServingCompletion"
+_CHAT = f"{_OPENAI}.serving_chat.OpenAIServingChat"
 HOOKS = (
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request", generate_request, HookType.AROUND),
     ("sglang.srt.entrypoints.http_server.serve_generate_request", serve_generate_request, HookType.AROUND),
-    (
-        f"{_OPENAI}.serving_completions.OpenAIServingCompletion._validate_request",
-        validate_openai_request,
-        HookType.AROUND,
-    ),
-    (f"{_OPENAI}.serving_chat.OpenAIServingChat._validate_request", validate_openai_request, HookType.AROUND),
-    (
-        f"{_OPENAI}.serving_completions.OpenAIServingCompletion._build_completion_response",
-        add_openai_metadata,
-        HookType.AFTER,
-    ),
-    (f"{_OPENAI}.serving_chat.OpenAIServingChat._build_chat_response", add_openai_metadata, HookType.AFTER),
+    (f"{_COMPLETIONS}._validate_request", validate_openai_request, HookType.AROUND),
+    (f"{_CHAT}._validate_request", validate_openai_request, HookType.AROUND),
+    (f"{_COMPLETIONS}._build_completion_response", add_openai_metadata, HookType.AFTER),
+    (f"{_CHAT}._build_chat_response", add_openai_metadata, HookType.AFTER),
+    (f"{_COMPLETIONS}._generate_completion_stream", openai_stream, HookType.AROUND),
+    (f"{_CHAT}._generate_chat_stream", openai_stream, HookType.AROUND),
 )

@@ -24,7 +24,7 @@ import torch
 
 from sglang_entropy.registry import PolicyRegistry, installed_policies
 from sglang_entropy.settings import ResolvedRequest, ServerSettings
-from sglang_entropy.signals import FULL_VOCAB_SIGNALS, SIGNAL_NAMES, GroupConfidenceWindows, token_signals
+from sglang_entropy.signals import FULL_VOCAB_SIGNALS, SIGNAL_NAMES, GroupConfidenceWindows, Workspace, token_signals
 from sglang_entropy.types import DecodeStep, RequestInfo
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class EntropyRuntime:
         self.window = zeros(torch.int64).fill_(signals.window_size)
         self.policy_index = zeros(torch.int64).fill_(-1)
         self.windows = GroupConfidenceWindows(num_slots, signals.max_window, device)
+        self.workspace = Workspace()
         # numeric parameters of each policy, one value per slot
         self.params: list[dict[str, torch.Tensor]] = []
         self.state: list[dict[str, torch.Tensor]] = []
@@ -197,7 +198,7 @@ class EntropyRuntime:
         token_index = token_index.clamp(min=0)
 
         full_vocab = any(self.signal_users[name] > 0 for name in FULL_VOCAB_SIGNALS)
-        signals = token_signals(logits, self.confidence_k[slots], self.entropy_k[slots], full_vocab)
+        signals = token_signals(logits, self.confidence_k[slots], self.entropy_k[slots], full_vocab, self.workspace)
         signals["group_confidence"], window_full = self.windows.update(
             write_slots, token_index, signals["confidence"], self.window[slots], self.first_index[slots]
         )

@@ -4,7 +4,7 @@ Every function takes device tensors and returns device tensors; nothing here rea
 back to the host, so the decode step never waits on the device.
 """
 
-from sglang_entropy.signals.token import FULL_VOCAB_SIGNALS, MAX_TOP_K, TOKEN_SIGNALS, token_signals
+from sglang_entropy.signals.token import FULL_VOCAB_SIGNALS, MAX_TOP_K, TOKEN_SIGNALS, Workspace, token_signals
 from sglang_entropy.signals.window import GroupConfidenceWindows
 
 SIGNAL_NAMES = (*TOKEN_SIGNALS, "group_confidence")
@@ -15,5 +15,6 @@ __all__ = [
     "SIGNAL_NAMES",
     "TOKEN_SIGNALS",
     "GroupConfidenceWindows",
+    "Workspace",
     "token_signals",
 ]
