@@ -78,16 +78,14 @@ def run_overhead(args) -> int:
                         f"batch {batch}, round {round_index + 1}/{args.rounds}: "
                         + ", ".join(f"{a} {samples[a][-1]:.1f} tok/s" for a in order)
                     )
-                base = statistics.median(samples["adapter disabled"])
                 for arm in arms:
-                    median = statistics.median(samples[arm])
                     results.append(
                         {
                             "batch": batch,
                             "arm": arm,
-                            "tok_per_s_median": median,
+                            "tok_per_s_median": statistics.median(samples[arm]),
                             "tok_per_s_samples": samples[arm],
-                            "ratio_to_disabled": median / base,
+                            "ratio_to_disabled": paired_ratio(samples[arm], samples["adapter disabled"]),
                         }
                     )
     command = (
@@ -115,6 +113,12 @@ def run_overhead(args) -> int:
     return 0
 
 
+def paired_ratio(arm: list[float], baseline: list[float]) -> float:
+    """Median over rounds of arm / baseline measured in the same round: each round runs every
+    arm back to back, so the machine's drift between rounds cancels."""
+    return statistics.median(a / b for a, b in zip(arm, baseline, strict=True))
+
+
 def write_results(prefix: Path, meta: dict, results: list[dict]) -> None:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
@@ -127,9 +131,11 @@ def write_results(prefix: Path, meta: dict, results: list[dict]) -> None:
         f"Command: `{meta['command']}`  ",
         f"Device: {meta['device']} ({meta['machine']}); model: SmolLM2-135M-Instruct; "
         f"{meta['new_tokens']} new tokens per request (ignore_eos, temperature 0.7); "
-        f"median of {meta['rounds']} alternating rounds; {meta['date']}.",
+        f"{meta['rounds']} rounds, each running every arm back to back (order alternating); "
+        "ratio = median over rounds of the arm's throughput over the disabled server's in that round; "
+        f"{meta['date']}.",
         "",
-        "| batch | arm | tokens/s (median) | ratio to adapter disabled | throughput change |",
+        "| batch | arm | tokens/s (median) | ratio to adapter disabled (paired) | throughput change |",
         "|---|---|---|---|---|",
     ]
     for r in results:

@@ -182,10 +182,15 @@ class EntropyRuntime:
         self.policy_index[record.slot] = -1
         if record.info is not None:
             self.active_per_policy[record.policy_index] -= 1
-            reason = _end_reason(req)
-            self.registry.hook.request_end(
-                policy=record.info.policy, request=record.info, reason=reason, state=self.state[record.policy_index]
-            )
+            try:
+                self.registry.hook.request_end(
+                    policy=record.info.policy,
+                    request=record.info,
+                    reason=_end_reason(req),
+                    state=self.state[record.policy_index],
+                )
+            except Exception:  # the slot is released either way; SGLang must not see this
+                logger.exception("policy %s failed to end request %s", record.info.policy, req.rid)
 
     # --- the decode step (device only) -----------------------------------------------------
 
@@ -203,8 +208,7 @@ class EntropyRuntime:
             write_slots, token_index, signals["confidence"], self.window[slots], self.first_index[slots]
         )
 
-        false = torch.zeros_like(valid)
-        stop, stop_reason, branch_width = false, torch.zeros_like(slots), torch.zeros_like(slots)
+        stop, stop_reason, branch_width = torch.zeros_like(valid), torch.zeros_like(slots), torch.zeros_like(slots)
         event_columns: dict[str, torch.Tensor] = {}
         failures: dict[int, Exception] = {}
         row_policy = self.policy_index[slots]
