@@ -5,5 +5,5 @@ set -euo pipefail
 MODEL=$(sglang-entropy build-model)
 SGLANG_PLATFORM=portable_cpu exec python -m sglang.launch_server \
     --model-path "$MODEL" --port "${1:-30000}" \
-    --device cpu --attention-backend torch_native --sampling-backend pytorch \
+    --device cpu --attention-backend torch_native --sampling-backend pytorch --max-total-tokens 131072 \
     --enable-entropy --entropy-config "$(dirname "$0")/entropy.toml"

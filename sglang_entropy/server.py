@@ -13,6 +13,8 @@ from pathlib import Path
 
 import requests
 
+CPU_KV_TOKENS = 131072
+
 
 def has_gpu() -> bool:
     import torch
@@ -42,6 +44,10 @@ def server_command(model_path: str | Path, port: int, enable_entropy: bool, extr
     ]
     if not has_gpu():
         cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch"]
+        if "--max-total-tokens" not in extra_args:
+            # On a CPU SGLang sizes the KV pool from the machine's free RAM (10+ GB here), so two
+            # servers side by side (tests, bench) would not fit; 128k tokens is ample for them.
+            cmd += ["--max-total-tokens", str(CPU_KV_TOKENS)]
     if enable_entropy:
         cmd.append("--enable-entropy")
     return cmd + list(extra_args)
