@@ -140,7 +140,9 @@ class EntropyRuntime:
         self.entropy_k[slot] = resolved.entropy_k
         self.window[slot] = resolved.window
         policy_index, info = -1, None
+        signals = set(resolved.return_signals)
         if resolved.policy is not None:
+            signals.update(self.registry.get(resolved.policy).spec.signals)
             policy_index = self.policies.index(resolved.policy)
             for field_name, buffer in self.params[policy_index].items():
                 buffer[slot] = getattr(resolved.params, field_name)
@@ -159,9 +161,6 @@ class EntropyRuntime:
                 logger.exception("policy %s failed to start request %s", resolved.policy, req.rid)
                 req.to_finish = _policy_failure(resolved.policy, e)
         self.policy_index[slot] = policy_index
-        signals = set(resolved.return_signals)
-        if resolved.policy is not None:
-            signals.update(self.registry.get(resolved.policy).spec.signals)
         record = RequestRecord(req.rid, slot, resolved, policy_index, info, frozenset(signals))
         self.records[req.rid] = record
         self.signal_users.update(record.signals)
@@ -301,8 +300,7 @@ class HostStepOutput:
                 continue
             if not row["stop"]:
                 continue
-            reasons = runtime.registry.get(record.info.policy).spec.stop_reasons
-            req.to_finish = EntropyStop(record.info.policy, reasons[int(row["stop_reason"])], int(row["token_index"]))
+            req.to_finish = EntropyStop(record.info.policy, _stop_reason(runtime, record, row), int(row["token_index"]))
 
     def consume(self, batch, commits: Sequence) -> None:
         runtime = current_runtime()
@@ -327,13 +325,12 @@ def _events(record: RequestRecord, row: dict, event_names, runtime) -> list[dict
     events = []
     extra = {k: row[k] for k in event_names if not math.isnan(row[k])}
     if row["stop"]:
-        reasons = runtime.registry.get(record.info.policy).spec.stop_reasons
         events.append(
             {
                 "kind": "stop",
                 "token_index": int(row["token_index"]),
                 "policy": record.info.policy,
-                "reason": reasons[int(row["stop_reason"])],
+                "reason": _stop_reason(runtime, record, row),
                 **extra,
             }
         )
@@ -351,6 +348,10 @@ def _events(record: RequestRecord, row: dict, event_names, runtime) -> list[dict
             }
         )
     return events
+
+
+def _stop_reason(runtime: EntropyRuntime, record: RequestRecord, row: dict) -> str:
+    return runtime.registry.get(record.info.policy).spec.stop_reasons[int(row["stop_reason"])]
 
 
 def _put(values: list, index: int, value) -> None:
