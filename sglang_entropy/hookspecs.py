@@ -9,8 +9,9 @@ decisions. Hooks that take a ``policy`` argument are called for every plugin unt
 
 Tensors live on the model's device. Per-step hooks run inside the decode step: they must be
 pure device code (no ``.item()``, ``.tolist()``, ``.cpu()`` or synchronisation) and batch over
-every row. Lifecycle and group hooks run on the scheduler's host thread, once per request or
-trace, and may use plain Python.
+every row. Lifecycle hooks run on the scheduler's host thread, once per request; group hooks
+run in the HTTP server process (where the traces of a group meet), once per trace. Both may
+use plain Python.
 """
 
 from __future__ import annotations
@@ -84,12 +85,15 @@ def request_end(policy, request, reason, state):
 
 @hookspec(firstresult=True)
 def group_trace_finished(policy, group, trace):
-    """Called when a trace of a group finishes.
+    """Called when a trace of a group finishes (not when it was aborted).
 
+    Groups exist for policies registered with ``groups=True``: a request with ``n`` > 1 is a
+    group of ``n`` traces, and requests whose parameters share a ``group_id`` form one group.
     ``group`` is a ``TraceGroup`` (its ``finished`` list already holds ``trace``, a
-    ``TraceSummary``). Use it for warm-up calibration (set a threshold from the first
-    traces), consensus stops and budget reallocation. Returns a ``GroupUpdate`` for the
-    traces that have not started, or ``None`` to change nothing.
+    ``TraceSummary`` with the trace's per-token signals). Use it for warm-up calibration (set
+    a threshold from the first traces), consensus stops and budget reallocation. Returns a
+    ``GroupUpdate``: its ``params`` apply to every trace that starts later (validated again),
+    ``stop_group`` aborts the group's running traces and starts no more; or ``None``.
     """
 
 
@@ -97,8 +101,9 @@ def group_trace_finished(policy, group, trace):
 def group_vote(policy, group):
     """Combine the finished traces of ``group`` into one answer.
 
-    Called when the group is complete. Returns a ``Vote``, or ``None`` to leave voting to
-    the client.
+    Called when a request of the group completes, over the group's finished traces so far;
+    the result is returned in each trace's ``meta_info["entropy"]["group"]["vote"]``. Returns
+    a ``Vote``, or ``None`` to leave voting to the client.
     """
 
 

@@ -19,6 +19,10 @@ class PolicySpec:
     ``stop_reasons`` names the reasons a ``DecodeDecision.stop_reason`` indexes. ``signals``
     names the signals ``decode_step`` reads: entropy and varentropy cost extra passes over the
     vocabulary, so they are computed only while a running request needs them.
+
+    ``groups``: a request of this policy with ``n`` > 1, or with a ``group_id`` parameter, is
+    run as a group of traces (see ``group_trace_finished``). If the parameters define
+    ``warmup_traces``, that many traces of a group run first and the others wait for them.
     """
 
     name: str
@@ -27,6 +31,7 @@ class PolicySpec:
     stop_reasons: tuple[str, ...] = ("policy",)
     signals: tuple[str, ...] = ("entropy", "topk_entropy", "confidence", "margin", "varentropy", "group_confidence")
     family: str = "decode"  # "decode", "dllm" or "speculative"
+    groups: bool = False
 
 
 @dataclass
@@ -85,8 +90,9 @@ class TraceSummary:
     text: str
     output_tokens: int
     signals: Mapping[str, list[float]]
-    stopped_early: bool
+    stopped_early: bool  # a policy stopped it (it does not vote)
     finish_reason: Mapping[str, Any] | None = None
+    warmup: bool = False  # one of the group's warm-up traces
 
 
 @dataclass
@@ -95,9 +101,10 @@ class TraceGroup:
 
     group_id: str
     policy: str
-    params: BaseModel
+    params: BaseModel  # the parameters of the request that opened the group
     finished: list[TraceSummary] = field(default_factory=list)
     budget: int | None = None  # total traces (or tokens) the group may spend
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # parameters set by earlier GroupUpdates
 
 
 @dataclass

@@ -12,6 +12,7 @@ import json
 
 from sglang.srt.plugins.hook_registry import HookType
 
+from sglang_entropy.adapter import groups
 from sglang_entropy.adapter.runtime import EVENTS_KEY, SIGNAL_KEY
 from sglang_entropy.registry import installed_policies
 from sglang_entropy.settings import EntropyRequestError, ResolvedRequest, ServerSettings
@@ -30,7 +31,8 @@ def resolve_all(sampling_params) -> list[ResolvedRequest | None]:
     resolved = []
     for params in items:
         custom = params.get("custom_params") if isinstance(params, dict) else None
-        resolved.append(_settings().resolve(custom, installed_policies()))
+        n = params.get("n", 1) if isinstance(params, dict) else 1
+        resolved.append(_settings().resolve(custom, installed_policies(), n=n or 1))
     return resolved
 
 
@@ -69,6 +71,10 @@ def generate_request(original, tokenizer_manager, obj, request=None):
 
     async def outputs():
         resolved = resolve_all(getattr(obj, "sampling_params", None))
+        if groups.is_group_request(obj, resolved):
+            async for out in groups.run(original, tokenizer_manager, obj, request, resolved[0]):
+                yield out
+            return
         if not any(resolved):
             async for out in original(tokenizer_manager, obj, request):
                 yield out
@@ -96,7 +102,7 @@ def generate_request(original, tokenizer_manager, obj, request=None):
 async def serve_generate_request(original, obj, request):
     """Answer invalid entropy options of /generate with 400 before a stream starts."""
     try:
-        resolve_all(obj.sampling_params)
+        groups.is_group_request(obj, resolve_all(obj.sampling_params))
     except EntropyRequestError as e:
         from fastapi.responses import ORJSONResponse
 
@@ -110,7 +116,7 @@ def validate_openai_request(original, serving, request):
         return error
     custom = getattr(request, "custom_params", None)
     try:
-        _settings().resolve(custom, installed_policies())
+        _settings().resolve(custom, installed_policies(), n=getattr(request, "n", 1) or 1)
     except EntropyRequestError as e:
         return str(e)
     return None
@@ -159,6 +165,7 @@ _CHAT = f"{_OPENAI}.serving_chat.OpenAIServingChat"
 HOOKS = (
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request", generate_request, HookType.AROUND),
     ("sglang.srt.entrypoints.http_server.serve_generate_request", serve_generate_request, HookType.AROUND),
+    ("sglang.srt.managers.tokenizer_manager.TokenizerManager.abort_request", groups.abort, HookType.AROUND),
     (f"{_COMPLETIONS}._validate_request", validate_openai_request, HookType.AROUND),
     (f"{_CHAT}._validate_request", validate_openai_request, HookType.AROUND),
     (f"{_COMPLETIONS}._build_completion_response", add_openai_metadata, HookType.AFTER),

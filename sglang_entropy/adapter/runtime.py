@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
+import types
+import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -68,6 +70,11 @@ class RequestRecord:
 
 
 def _param_dtype(annotation) -> torch.dtype | None:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and set(typing.get_args(annotation)) == {
+        float,
+        type(None),
+    }:
+        return torch.float32  # None is stored as NaN: every comparison with it is False
     if annotation is bool:
         return torch.bool
     if annotation is int:
@@ -145,7 +152,8 @@ class EntropyRuntime:
             signals.update(self.registry.get(resolved.policy).spec.signals)
             policy_index = self.policies.index(resolved.policy)
             for field_name, buffer in self.params[policy_index].items():
-                buffer[slot] = getattr(resolved.params, field_name)
+                value = getattr(resolved.params, field_name)
+                buffer[slot] = math.nan if value is None else value
             info = RequestInfo(
                 rid=req.rid,
                 slot=slot,

@@ -1,0 +1,266 @@
+"""Groups of traces, for policies registered with ``groups=True`` (e.g. DeepConf's warm-up
+calibration and consensus stop): a request with ``n`` > 1, or requests whose parameters share
+a ``group_id``.
+
+The traces of a group meet here, in the HTTP server process (TokenizerManager.generate_request).
+Each trace goes to the scheduler as its own request, rid ``<request rid>-<i>``, whose
+parameters carry the group's overrides so far (e.g. the calibrated threshold). With
+``warmup_traces`` W in the parameters, the first W traces start at once and the others wait
+until those have finished; a warm-up trace that is aborted hands its place to a waiting one.
+After each finished trace the policy's ``group_trace_finished`` may change the parameters of
+traces not yet started, or stop the group: its running traces are aborted and no more start.
+Groups named by ``group_id`` outlive their requests (the most recent MAX_NAMED_GROUPS are
+kept) so that later requests join them; a group of one ``n`` > 1 request ends with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import logging
+import uuid
+from collections import OrderedDict
+
+from sglang_entropy.registry import installed_policies
+from sglang_entropy.settings import REQUEST_KEY, EntropyRequestError, ResolvedRequest
+from sglang_entropy.types import TraceGroup, TraceSummary
+
+logger = logging.getLogger(__name__)
+
+MAX_NAMED_GROUPS = 4096
+NOT_STARTED = "the group was stopped before this trace started"
+
+
+class Group:
+    def __init__(self, group_id: str, policy: str, params):
+        self.view = TraceGroup(group_id=group_id, policy=policy, params=params)
+        self.warmup = getattr(params, "warmup_traces", 0) or 0
+        self.warmup_started = 0
+        self.warmup_done = 0
+        self.stopped = False
+        self.running: set[str] = set()  # rids of traces in the scheduler
+        self.changed = asyncio.Condition()
+
+    async def admit(self) -> str | None:
+        """Wait for this trace's turn: "warmup", "calibrated" (after the warm-up) or None
+        when the group was stopped."""
+        async with self.changed:
+            while True:
+                if self.stopped:
+                    return None
+                if self.warmup_started < self.warmup:
+                    self.warmup_started += 1
+                    return "warmup"
+                if self.warmup_done >= self.warmup:
+                    return "calibrated"
+                await self.changed.wait()
+
+    async def release(self, role: str | None, aborted: bool) -> None:
+        async with self.changed:
+            if role == "warmup":
+                if aborted:
+                    self.warmup_started -= 1  # a waiting trace takes its place
+                else:
+                    self.warmup_done += 1
+            self.changed.notify_all()
+
+
+_NAMED: OrderedDict[str, Group] = OrderedDict()
+_REQUESTS: dict[str, tuple[Group, list[str]]] = {}  # request rid -> its group and trace rids
+
+
+def is_group_request(obj, resolved: list[ResolvedRequest | None]) -> bool:
+    """Whether a /generate request is a group for its policy; raises for forms a group
+    cannot take (a batch of prompts, streaming)."""
+    options = [r for r in resolved if r is not None and r.policy is not None]
+    if not options:
+        return False
+    registry = installed_policies()
+    grouped = []
+    per_prompt = _sampling_params_list(obj.sampling_params)
+    for index, options_of_prompt in enumerate(resolved):
+        if options_of_prompt is None or options_of_prompt.policy is None:
+            continue
+        params = per_prompt[index] if index < len(per_prompt) else per_prompt[0]
+        spec = registry.get(options_of_prompt.policy).spec
+        n = params.get("n", 1) or 1
+        grouped.append(spec.groups and (n > 1 or getattr(options_of_prompt.params, "group_id", None) is not None))
+    if not any(grouped):
+        return False
+    prefix = f"custom_params.{REQUEST_KEY}"
+    if len(resolved) != 1 or not _single_prompt(obj):
+        raise EntropyRequestError(f"{prefix}: a group of traces (n > 1 or group_id) takes one prompt per request")
+    if obj.stream:
+        raise EntropyRequestError(f"{prefix}: a group of traces (n > 1 or group_id) cannot be streamed")
+    return True
+
+
+async def run(original, tokenizer_manager, obj, request, options: ResolvedRequest):
+    """Run a group request; yields what ``generate_request`` would: one output, or a list of
+    ``n`` outputs, each with ``meta_info["entropy"]["group"]``."""
+    registry = installed_policies()
+    params = options.params
+    n = obj.sampling_params.get("n", 1) or 1
+    request_rid = obj.rid if isinstance(obj.rid, str) else uuid.uuid4().hex
+    group_id = getattr(params, "group_id", None)
+    if group_id is not None:
+        group = _named_group(group_id, options.policy, params)
+    else:
+        group = Group(request_rid[:128], options.policy, params)
+    rids = [f"{request_rid}-{i}" for i in range(n)]
+    _REQUESTS[request_rid] = (group, rids)
+    tasks = [
+        asyncio.create_task(_run_trace(original, tokenizer_manager, obj, request, options, group, rid)) for rid in rids
+    ]
+    try:
+        outputs = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        _REQUESTS.pop(request_rid, None)
+    vote = registry.hook.group_vote(policy=options.policy, group=group.view)
+    for output in outputs:
+        output["meta_info"]["entropy"]["group"]["vote"] = dataclasses.asdict(vote) if vote is not None else None
+    yield outputs if n > 1 else outputs[0]
+
+
+def abort(original, tokenizer_manager, rid: str = "", abort_all: bool = False):
+    """TokenizerManager.abort_request: a group request's rid aborts all its traces."""
+    entry = _REQUESTS.get(rid) if not abort_all else None
+    if entry is None:
+        return original(tokenizer_manager, rid=rid, abort_all=abort_all)
+    group, rids = entry
+    if getattr(group.view.params, "group_id", None) is None:  # the request's own group: start nothing more
+        group.stopped = True
+    for trace_rid in rids:
+        original(tokenizer_manager, rid=trace_rid)
+
+
+async def _run_trace(original, tokenizer_manager, obj, request, options, group: Group, rid: str) -> dict:
+    from sglang_entropy.adapter.frontend import entropy_field
+
+    registry = installed_policies()
+    spec = registry.get(options.policy).spec
+    role = await group.admit()
+    if role is None:
+        return _not_started(rid, group, options)
+    trace_params = {
+        **options.params.model_dump(exclude_none=True),
+        **group.view.overrides,
+        "group_id": group.view.group_id,
+    }
+    returned = [s for s in spec.signals if s != "group_confidence"]  # what the group hooks read
+    entropy = {
+        "policy": options.policy,
+        "params": trace_params,
+        "return_signals": list(dict.fromkeys([*options.return_signals, *returned])),
+    }
+    sub = copy.copy(obj)
+    sub.rid = rid
+    custom = dict(obj.sampling_params.get("custom_params") or {})
+    custom[REQUEST_KEY] = entropy
+    sub.sampling_params = {**obj.sampling_params, "n": 1, "custom_params": custom}
+
+    group.running.add(rid)
+    aborted = True
+    try:
+        outputs = original(tokenizer_manager, sub, request)
+        try:
+            output = await outputs.__anext__()
+        finally:
+            await outputs.aclose()
+        meta = output["meta_info"]
+        shaped = entropy_field(meta, options.policy, 0)
+        meta["entropy"] = shaped[0] if shaped else {"policy": options.policy, "signals": {}, "events": []}
+        finish = meta.get("finish_reason") or {}
+        aborted = finish.get("type") == "abort"
+        if not aborted:
+            summary = TraceSummary(
+                rid=rid,
+                text=output.get("text", ""),
+                output_tokens=meta.get("completion_tokens", 0),
+                signals=meta["entropy"]["signals"],
+                stopped_early=bool(finish.get("entropy_policy")),
+                finish_reason=finish,
+                warmup=role == "warmup",
+            )
+            group.view.finished.append(summary)
+            update = registry.hook.group_trace_finished(policy=options.policy, group=group.view, trace=summary)
+            if update is not None:
+                _apply(update, group, options, tokenizer_manager)
+    finally:
+        group.running.discard(rid)
+        await group.release(role, aborted)
+
+    signals = meta["entropy"]["signals"]
+    for name in list(signals):
+        if name not in options.return_signals:
+            del signals[name]
+    meta["entropy"]["group"] = {
+        "id": group.view.group_id,
+        "role": role,
+        "threshold": trace_params.get("threshold"),
+    }
+    return output
+
+
+def _apply(update, group: Group, options: ResolvedRequest, tokenizer_manager) -> None:
+    if update.params:
+        overrides = {**group.view.overrides, **update.params}
+        # validated like a request's own parameters: a bad value fails the group, loudly
+        spec = installed_policies().get(options.policy).spec
+        spec.params.model_validate({**options.params.model_dump(exclude_none=True), **overrides})
+        group.view.overrides = overrides
+    if update.budget is not None:
+        group.view.budget = update.budget
+    if update.stop_group and not group.stopped:
+        group.stopped = True
+        logger.info("group %s stopped; aborting its %d running traces", group.view.group_id, len(group.running))
+        for rid in list(group.running):
+            tokenizer_manager.abort_request(rid)
+
+
+def _not_started(rid: str, group: Group, options: ResolvedRequest) -> dict:
+    return {
+        "text": "",
+        "output_ids": [],
+        "meta_info": {
+            "id": rid,
+            "finish_reason": {"type": "abort", "message": NOT_STARTED},
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "cached_tokens": 0,
+            "entropy": {
+                "policy": options.policy,
+                "signals": {name: [] for name in options.return_signals},
+                "events": [],
+                "group": {"id": group.view.group_id, "role": None, "threshold": None},
+            },
+        },
+    }
+
+
+def _named_group(group_id: str, policy: str, params) -> Group:
+    key = f"{policy}:{group_id}"
+    group = _NAMED.get(key)
+    if group is None:
+        group = _NAMED[key] = Group(group_id, policy, params)
+        while len(_NAMED) > MAX_NAMED_GROUPS:
+            _NAMED.popitem(last=False)
+    _NAMED.move_to_end(key)
+    return group
+
+
+def _sampling_params_list(sampling_params) -> list[dict]:
+    if isinstance(sampling_params, list):
+        return [p if isinstance(p, dict) else {} for p in sampling_params]
+    return [sampling_params if isinstance(sampling_params, dict) else {}]
+
+
+def _single_prompt(obj) -> bool:
+    if getattr(obj, "text", None) is not None:
+        return isinstance(obj.text, str)
+    input_ids = getattr(obj, "input_ids", None)
+    return isinstance(input_ids, list) and (not input_ids or isinstance(input_ids[0], int))
