@@ -21,11 +21,11 @@ def model_path():
 
 @pytest.fixture(scope="session")
 def entropy_server(model_path, tmp_path_factory):
-    """The real SGLang server with the adapter, the deepconf policy enabled, and a config file
+    """The real SGLang server with the adapter, the deepconf and echo policies enabled, and a config file
     that sets deepconf's default window to 8 tokens."""
     config = tmp_path_factory.mktemp("config") / "entropy.json"
     config.write_text(json.dumps({"policies": {"deepconf": {"window_size": 8}}}))
-    args = ["--entropy-policies", "deepconf", "--entropy-config", str(config)]
+    args = ["--entropy-policies", "deepconf,echo", "--entropy-config", str(config)]
     with sglang_server.launch(model_path, enable_entropy=True, extra_args=args) as server:
         yield server
 

@@ -126,6 +126,14 @@ class EntropyRuntime:
     def num_active(self) -> int:
         return len(self.records)
 
+    def report(self) -> dict:
+        """Live state for ``/get_server_info`` (host reads, not in the decode step)."""
+        return {
+            "active_requests": self.num_active,
+            "active_slots": int(self.active.sum()),
+            "requests_per_policy": dict(zip(self.policies, self.active_per_policy, strict=True)),
+        }
+
     # --- lifecycle (host, once per request) ----------------------------------------------
 
     def start(self, req) -> None:

@@ -54,6 +54,13 @@ def apply_stops(processor, batch, result, *args, **kwargs):
     host.stops(batch)
 
 
+def report_state(result, controller, *args, **kwargs):
+    """``/get_server_info`` shows the adapter's live state under ``internal_states[i]["entropy"]``."""
+    if runtime._RUNTIME is not None and result is not None:
+        result.internal_state["entropy"] = runtime._RUNTIME.report()
+    return result
+
+
 _PROCESSOR = "sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
 HOOKS = (
     ("sglang.srt.model_executor.model_runner.ModelRunner.alloc_memory_pool", install_observer, HookType.AFTER),
@@ -62,4 +69,9 @@ HOOKS = (
     ("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free", end_request, HookType.BEFORE),
     (f"{_PROCESSOR}.process_batch_result_decode", apply_stops, HookType.BEFORE),
     (f"{_PROCESSOR}.process_batch_result_prefill", apply_stops, HookType.BEFORE),
+    (
+        "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
+        report_state,
+        HookType.AFTER,
+    ),
 )
