@@ -44,7 +44,6 @@ class DeepConfParams(BaseModel):
     min_votes: int = Field(4, ge=1, description="votes needed before a consensus stop")
     answer_format: AnswerFormat = Field("auto", description="how answers are read for consensus and the vote")
 
-
     @field_validator("threshold")
     @classmethod
     def _threshold_or_group(cls, threshold, info: ValidationInfo):
