@@ -221,3 +221,23 @@ def test_openai_n_runs_a_calibrated_group(entropy_server):
     assert len(completion.choices) == 6
     groups = [entry["group"] for entry in completion.metadata["entropy"]]
     assert sorted(g["role"] for g in groups) == ["calibrated"] * 3 + ["warmup"] * 3
+
+
+def test_frontend_program_runs_a_group_and_votes(entropy_server):
+    import runpy
+
+    import sglang as sgl
+    from sglang.lang.chat_template import get_chat_template
+
+    from sglang_entropy.client import EntropyEndpoint
+
+    program = runpy.run_path("examples/deepconf_vote.py")
+    backend = EntropyEndpoint(entropy_server.url)
+    backend.chat_template = get_chat_template("chatml")
+    sgl.set_default_backend(backend)
+    result, traces = program["answer"]("What is 3 + 4?", budget=6, warmup=2, window=WINDOW, max_tokens=32)
+    groups = [t["meta_info"]["entropy"]["group"] for t in traces]
+    assert sorted(g["role"] for g in groups) == ["calibrated"] * 4 + ["warmup"] * 2
+    assert len({g["id"] for g in groups}) == 1
+    expected = vote(traces_from_outputs(traces), window=WINDOW)
+    assert result == expected and result.voters > 0

@@ -268,8 +268,9 @@ def write(prefix: Path, meta: dict, summary: list[dict], records: dict) -> None:
         )
     accuracy_axis.set_xticks(range(len(names)), names)
     accuracy_axis.set_ylabel("vote accuracy")
-    accuracy_axis.set_ylim(0, 1)
-    accuracy_axis.legend()
+    accuracy_axis.set_ylim(0, 1.25)
+    accuracy_axis.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    accuracy_axis.legend(loc="upper center", ncol=3)
     for axis in (tokens_axis, accuracy_axis):
         axis.tick_params(axis="x", labelrotation=15)
     figure.suptitle(f"{meta['task']}: {meta['questions']} questions x {meta['budget']} traces")
