@@ -202,3 +202,39 @@ def test_echo_stops_where_the_reference_does(seed, lowest_on, tail_on, spike_on)
         assert first_stop[r] == echo_reference(
             entropy[r].astype(np.float32).astype(float), confidence[r].astype(np.float32).astype(float), window, params
         )
+
+
+def test_bench_scores_a_question_from_the_servers_outputs():
+    from sglang_entropy_prune.bench import Question, arithmetic_questions, score, summarize
+
+    def output(text, tokens, conf, stopped=False):
+        finish = {"type": "stop", "entropy_policy": "deepconf"} if stopped else {"type": "stop", "matched": 2}
+        return {
+            "text": text,
+            "meta_info": {
+                "completion_tokens": tokens,
+                "finish_reason": finish,
+                "entropy": {"signals": {"confidence": conf}},
+            },
+        }
+
+    outputs = [
+        output("= 7", 3, [1.0]),
+        output("= 7", 4, [1.0]),
+        output("= 8", 5, [9.0]),
+        output("= 9", 2, [99.0], True),
+    ]
+    result = score(Question("What is 3 + 4?", "7", "number"), outputs, window=4)
+    assert result == {
+        "tokens": 14,
+        "traces": 4,
+        "stopped_early": 1,
+        "trace_accuracy": 2 / 3,
+        "majority": True,
+        "weighted": False,  # 9.0 for "8" outweighs 2.0 for "7"
+        "filtered": False,
+    }
+    rows = summarize({"full": [result], "pruned": [{**result, "tokens": 7}]}, {"full": 2.0, "pruned": 1.0})
+    assert [(r["token_ratio"], r["time_ratio"]) for r in rows] == [(1.0, 1.0), (0.5, 0.5)]
+    questions = arithmetic_questions(5, seed=3)
+    assert questions == arithmetic_questions(5, seed=3) and all(q.answer_format == "number" for q in questions)
