@@ -9,8 +9,9 @@ parameters carry the group's overrides so far (e.g. the calibrated threshold). W
 until those have finished; a warm-up trace that is aborted hands its place to a waiting one.
 After each finished trace the policy's ``group_trace_finished`` may change the parameters of
 traces not yet started, or stop the group: its running traces are aborted and no more start.
-Groups named by ``group_id`` outlive their requests (the most recent MAX_NAMED_GROUPS are
-kept) so that later requests join them; a group of one ``n`` > 1 request ends with it.
+Groups named by ``group_id`` outlive their requests (the most recently used MAX_NAMED_GROUPS
+are kept, each with its finished traces' per-token signals) so that later requests join them;
+a group of one ``n`` > 1 request ends with it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sglang_entropy.types import TraceGroup, TraceSummary
 
 logger = logging.getLogger(__name__)
 
-MAX_NAMED_GROUPS = 4096
+MAX_NAMED_GROUPS = 256
 NOT_STARTED = "the group was stopped before this trace started"
 
 
