@@ -221,6 +221,15 @@ def test_openai_n_runs_a_calibrated_group(entropy_server):
     assert len(completion.choices) == 6
     groups = [entry["group"] for entry in completion.metadata["entropy"]]
     assert sorted(g["role"] for g in groups) == ["calibrated"] * 3 + ["warmup"] * 3
+    with pytest.raises(openai.BadRequestError, match="cannot be streamed"):
+        client.completions.create(
+            model="default",
+            prompt="3 + 4 =",
+            max_tokens=8,
+            n=2,
+            stream=True,
+            extra_body={"custom_params": {"entropy": {"policy": "deepconf"}}},
+        )
 
 
 def test_frontend_program_runs_a_group_and_votes(entropy_server):

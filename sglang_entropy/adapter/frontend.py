@@ -115,8 +115,13 @@ def validate_openai_request(original, serving, request):
     if error is not None:
         return error
     custom = getattr(request, "custom_params", None)
+    n = getattr(request, "n", 1) or 1
     try:
-        _settings().resolve(custom, installed_policies(), n=getattr(request, "n", 1) or 1)
+        options = _settings().resolve(custom, installed_policies(), n=n)
+        if groups.forms_group(options, n):
+            prompt = getattr(request, "prompt", None)  # completions; chat requests have one conversation
+            single = not (isinstance(prompt, list) and prompt and not isinstance(prompt[0], int))
+            groups.check_group_form(bool(getattr(request, "stream", False)), single)
     except EntropyRequestError as e:
         return str(e)
     return None

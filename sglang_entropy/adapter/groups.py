@@ -71,29 +71,34 @@ _NAMED: OrderedDict[str, Group] = OrderedDict()
 _REQUESTS: dict[str, tuple[Group, list[str]]] = {}  # request rid -> its group and trace rids
 
 
-def is_group_request(obj, resolved: list[ResolvedRequest | None]) -> bool:
-    """Whether a /generate request is a group for its policy; raises for forms a group
-    cannot take (a batch of prompts, streaming)."""
-    options = [r for r in resolved if r is not None and r.policy is not None]
-    if not options:
+def forms_group(options: ResolvedRequest | None, n: int) -> bool:
+    """Whether one prompt's request is a group: its policy runs groups and it asks for
+    ``n`` > 1 traces or names a ``group_id``."""
+    if options is None or options.policy is None:
         return False
-    registry = installed_policies()
-    grouped = []
+    spec = installed_policies().get(options.policy).spec
+    return spec.groups and (n > 1 or getattr(options.params, "group_id", None) is not None)
+
+
+def check_group_form(stream: bool, single_prompt: bool) -> None:
+    """A group takes one prompt and is not streamed (raises EntropyRequestError)."""
+    prefix = f"custom_params.{REQUEST_KEY}"
+    if not single_prompt:
+        raise EntropyRequestError(f"{prefix}: a group of traces (n > 1 or group_id) takes one prompt per request")
+    if stream:
+        raise EntropyRequestError(f"{prefix}: a group of traces (n > 1 or group_id) cannot be streamed")
+
+
+def is_group_request(obj, resolved: list[ResolvedRequest | None]) -> bool:
+    """Whether a /generate request is a group; raises for forms a group cannot take."""
     per_prompt = _sampling_params_list(obj.sampling_params)
-    for index, options_of_prompt in enumerate(resolved):
-        if options_of_prompt is None or options_of_prompt.policy is None:
-            continue
-        params = per_prompt[index] if index < len(per_prompt) else per_prompt[0]
-        spec = registry.get(options_of_prompt.policy).spec
-        n = params.get("n", 1) or 1
-        grouped.append(spec.groups and (n > 1 or getattr(options_of_prompt.params, "group_id", None) is not None))
+    grouped = [
+        forms_group(options, per_prompt[min(index, len(per_prompt) - 1)].get("n", 1) or 1)
+        for index, options in enumerate(resolved)
+    ]
     if not any(grouped):
         return False
-    prefix = f"custom_params.{REQUEST_KEY}"
-    if len(resolved) != 1 or not _single_prompt(obj):
-        raise EntropyRequestError(f"{prefix}: a group of traces (n > 1 or group_id) takes one prompt per request")
-    if obj.stream:
-        raise EntropyRequestError(f"{prefix}: a group of traces (n > 1 or group_id) cannot be streamed")
+    check_group_form(bool(obj.stream), len(resolved) == 1 and _single_prompt(obj))
     return True
 
 
