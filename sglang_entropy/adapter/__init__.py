@@ -36,8 +36,8 @@ def activate() -> None:
     _activated = True
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    from sglang_entropy.adapter import frontend, scheduler
+    from sglang_entropy.adapter import branching, frontend, scheduler
 
-    for target, hook, hook_type in (*scheduler.HOOKS, *frontend.HOOKS):
+    for target, hook, hook_type in (*scheduler.HOOKS, *frontend.HOOKS, *branching.HOOKS):
         HookRegistry.register(target, hook, hook_type)
     HookRegistry.apply_hooks()
