@@ -1,87 +1,123 @@
-"""PROTOTYPE (branch eager-wip): fork a decoding request inside the scheduler, reusing the
-parent's KV through the radix cache. Trigger for now: custom_params["entropy_fork_at"] = i
-forks the request once, at output token i, into rid ``<rid>-b1``."""
+"""WORK IN PROGRESS (branch eager-wip, issue 4): carry out branch decisions inside SGLang.
+
+Scheduler side: when a policy's decision gives a row ``branch_width`` > 0 (and the request's
+family holds fewer than ``max_sequences`` sequences), the parent's KV up to the branch token is
+checkpointed into the radix tree and a child request ``<root rid>-b<k>`` is queued whose input
+is the parent's prompt plus its output before the branch token; its prefill matches the
+parent's prefix in the tree. Tokenizer side: the request's possible child rids are registered
+before it starts (outputs for unknown rids are dropped), and the response lists every sequence.
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
+import uuid
 from array import array
 
 from sglang.srt.plugins.hook_registry import HookType
 
 logger = logging.getLogger(__name__)
 
-FORK_KEY = "entropy_fork_at"
-_TOKENIZED: dict = {}  # rid -> TokenizedGenerateReqInput of requests that may fork
-_FORKED: set[str] = set()
+_SCHEDULER = None
+_TOKENIZED: dict = {}  # rid -> TokenizedGenerateReqInput of requests with a policy
+_ROOT: dict[str, str] = {}  # rid -> rid of the client request it belongs to
+_SIZE: dict[str, int] = {}  # root rid -> sequences so far
+CHILDREN: dict[tuple[str, int], list[str]] = {}  # (rid, token index) -> child rids forked there
 
 
 def remember_request(scheduler, recv_req, *args, **kwargs):
+    global _SCHEDULER
+    _SCHEDULER = scheduler
     custom = getattr(recv_req.sampling_params, "custom_params", None) or {}
-    if FORK_KEY in custom:
+    if isinstance(custom.get("entropy"), dict) and custom["entropy"].get("policy"):
         _TOKENIZED[recv_req.rid] = recv_req
+        root = _ROOT.setdefault(recv_req.rid, recv_req.rid)
+        _SIZE.setdefault(root, 1)
 
 
-def fork_after_decode(result, scheduler, batch, batch_result, *args, **kwargs):
-    if not batch.forward_mode.is_decode():
-        return result
-    for req in batch.reqs:
-        recv = _TOKENIZED.get(req.rid)
-        if recv is None or req.rid in _FORKED or req.finished() or not req.kv.holds_kv:
+def forget_request(rid: str) -> None:
+    _TOKENIZED.pop(rid, None)
+    root = _ROOT.pop(rid, None)
+    if root == rid:
+        _SIZE.pop(root, None)
+
+
+def fork_rows(batch, host, runtime) -> None:
+    """Before SGLang commits this step's tokens: fork the rows whose policy asked for it."""
+    for req, row in zip(batch.reqs, host.rows(), strict=True):
+        if row["branch_width"] <= 0 or not row["valid"] or req.finished() or req.to_finish is not None:
             continue
-        fork_at = recv.sampling_params.custom_params[FORK_KEY]
-        if len(req.output_ids) - 1 != fork_at:
+        record, recv = runtime.records.get(req.rid), _TOKENIZED.get(req.rid)
+        root = _ROOT.get(req.rid)
+        if record is None or recv is None or root not in _SIZE:
             continue
-        _FORKED.add(req.rid)
-        shared = len(req.origin_input_ids) + fork_at  # prompt + output tokens before the fork
+        cap = getattr(record.resolved.params, "max_sequences", 1)
+        width = min(int(row["branch_width"]), cap - _SIZE[root])
+        if width <= 0:
+            continue
+        index = int(row["token_index"])  # the token sampled now; the children replace it
+        if index == 0 and req.rid != root:
+            continue  # a child's first token is itself the alternative at its parent's branch point
+        shared = len(req.origin_input_ids) + index
         req.refresh_fill_ids()
-        scheduler.tree_cache.checkpoint(req, up_to=shared)
-        child = copy.copy(recv)
-        child.rid = f"{req.rid}-b1"
-        child.input_ids = array("q", list(req.origin_input_ids) + list(req.output_ids[:fork_at]))
-        child.input_text = None
-        child.sampling_params = copy.copy(recv.sampling_params)
-        child.sampling_params.max_new_tokens = recv.sampling_params.max_new_tokens - fork_at
-        child.sampling_params.custom_params = {
-            k: v for k, v in recv.sampling_params.custom_params.items() if k != FORK_KEY
-        }
-        logger.info("fork %s at %d -> %s (shared %d tokens)", req.rid, fork_at, child.rid, shared)
-        scheduler.handle_generate_request(child)
-    return result
+        _SCHEDULER.tree_cache.checkpoint(req, up_to=shared)
+        children = []
+        for _ in range(width):
+            child = copy.copy(recv)
+            child.rid = f"{root}-b{_SIZE[root]}"
+            _SIZE[root] += 1
+            child.input_ids = array("q", list(req.origin_input_ids) + list(req.output_ids[:index]))
+            child.input_text = None
+            child.sampling_params = copy.copy(recv.sampling_params)
+            child.sampling_params.max_new_tokens = recv.sampling_params.max_new_tokens - index
+            _ROOT[child.rid] = root
+            children.append(child.rid)
+            _SCHEDULER.handle_generate_request(child)
+        CHILDREN[(req.rid, index)] = children
+        logger.debug("fork %s at token %d into %s (%d shared tokens)", req.rid, index, children, shared)
 
 
-def generate_with_forks(original, tokenizer_manager, obj, request=None):
-    """Tokenizer side: register the child's rid before the parent starts, so its outputs
-    are kept, and return [parent, child]."""
-    custom = (obj.sampling_params or {}).get("custom_params") if isinstance(obj.sampling_params, dict) else None
+def generate_with_branches(original, tokenizer_manager, obj, request, options):
+    """Tokenizer side of a branching request: register every possible child rid, run the
+    request, then wait for each child that was forked (children may fork too)."""
+    from sglang_entropy.adapter.frontend import entropy_field
 
     async def outputs():
-        if not custom or FORK_KEY not in custom:
+        obj.rid = obj.rid if isinstance(obj.rid, str) else uuid.uuid4().hex
+        states = {}
+        for k in range(1, options.params.max_sequences):
+            child = copy.copy(obj)
+            child.rid = f"{obj.rid}-b{k}"
+            child.normalize_batch_and_arguments()
+            tokenizer_manager._init_req_state(child, request)
+            states[child.rid] = (child, tokenizer_manager.rid_to_state[child.rid])
+        sequences = []
+        try:
             async for out in original(tokenizer_manager, obj, request):
-                yield out
-            return
-        import uuid
-
-        obj.rid = obj.rid or uuid.uuid4().hex
-        child = copy.copy(obj)
-        child.rid = f"{obj.rid}-b1"
-        child.normalize_batch_and_arguments()
-        tokenizer_manager._init_req_state(child, request)
-        child_state = tokenizer_manager.rid_to_state[child.rid]  # removed once its last output arrives
-        parent = None
-        async for out in original(tokenizer_manager, obj, request):
-            parent = out
-        forked = None
-        async for out in tokenizer_manager._stream_one_response(obj=child, state=child_state, request=request):
-            forked = out
-        yield [parent, forked]
+                root = out
+            pending = [(root, None, None)]
+            while pending:
+                out, parent, branch_index = pending.pop(0)
+                meta = out["meta_info"]
+                shaped = entropy_field(meta, options.policy, 0)
+                meta["entropy"] = shaped[0] if shaped else {"policy": options.policy, "signals": {}, "events": []}
+                meta["entropy"]["sequence"] = {"parent": parent, "branch_token_index": branch_index}
+                sequences.append(out)
+                for event in meta["entropy"]["events"]:
+                    for child_rid in event.get("children", []):
+                        child, state = states.pop(child_rid)
+                        async for child_out in tokenizer_manager._stream_one_response(
+                            obj=child, state=state, request=request
+                        ):
+                            final = child_out
+                        pending.append((final, meta["id"], event["token_index"]))
+        finally:
+            for rid in states:  # never forked
+                tokenizer_manager.rid_to_state.pop(rid, None)
+        yield sequences
 
     return outputs()
 
 
-HOOKS = (
-    ("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request", generate_with_forks, HookType.AROUND),
-    ("sglang.srt.managers.scheduler.Scheduler.handle_generate_request", remember_request, HookType.BEFORE),
-    ("sglang.srt.managers.scheduler.Scheduler.process_batch_result", fork_after_decode, HookType.AFTER),
-)
+HOOKS = (("sglang.srt.managers.scheduler.Scheduler.handle_generate_request", remember_request, HookType.BEFORE),)

@@ -71,6 +71,12 @@ def generate_request(original, tokenizer_manager, obj, request=None):
 
     async def outputs():
         resolved = resolve_all(getattr(obj, "sampling_params", None))
+        if len(resolved) == 1 and resolved[0] is not None and resolved[0].policy == "eager":  # WIP: spec flag
+            from sglang_entropy.adapter import branching
+
+            async for out in branching.generate_with_branches(original, tokenizer_manager, obj, request, resolved[0]):
+                yield out
+            return
         if groups.is_group_request(obj, resolved):
             async for out in groups.run(original, tokenizer_manager, obj, request, resolved[0]):
                 yield out

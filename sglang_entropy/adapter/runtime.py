@@ -351,15 +351,17 @@ def _events(record: RequestRecord, row: dict, event_names, runtime) -> list[dict
             }
         )
     if row["branch_width"] > 0:
-        # Forking inside the scheduler is the branch plugin's adapter work; until then the
-        # request is reported, not carried out.
+        from sglang_entropy.adapter.branching import CHILDREN
+
+        children = CHILDREN.pop((record.rid, int(row["token_index"])), [])
         events.append(
             {
                 "kind": "branch",
                 "token_index": int(row["token_index"]),
                 "policy": record.info.policy,
                 "width": int(row["branch_width"]),
-                "applied": False,
+                "applied": bool(children),
+                "children": children,
                 **extra,
             }
         )

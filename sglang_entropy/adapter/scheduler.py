@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sglang.srt.plugins.hook_registry import HookType
 
-from sglang_entropy.adapter import runtime
+from sglang_entropy.adapter import branching, runtime
 
 _OBSERVER: runtime.EntropyObserver | None = None
 
@@ -40,6 +40,8 @@ def start_requests(result, pool, reqs, *args, **kwargs):
 def end_request(pool, req, *args, **kwargs):
     if runtime._RUNTIME is not None:
         runtime._RUNTIME.end(req)
+    if req.finished():
+        branching.forget_request(req.rid)
 
 
 def apply_stops(processor, batch, result, *args, **kwargs):
@@ -52,6 +54,7 @@ def apply_stops(processor, batch, result, *args, **kwargs):
     if result.copy_done is not None:  # SGLang waits for this copy first thing in the same call
         result.copy_done.synchronize()
     host.stops(batch)
+    branching.fork_rows(batch, host, runtime.current_runtime())
 
 
 def report_state(result, controller, *args, **kwargs):

@@ -1,0 +1,1 @@
+"""Branch-on-entropy policies for sglang-entropy."""

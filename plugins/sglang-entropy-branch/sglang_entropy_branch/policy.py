@@ -1,0 +1,45 @@
+"""EAGer (Scalena et al. 2025): a request starts one sequence; wherever a sequence's top-K
+entropy exceeds ``threshold`` it forks, until the request holds ``max_sequences`` sequences.
+The adapter carries out the fork inside the scheduler (the child reuses the parent's KV)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sglang_entropy import hookimpl
+from sglang_entropy.types import DecodeDecision, DecodeStep, PolicySpec
+
+NAME = "eager"
+
+
+class EagerParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    threshold: float = Field(2.4, description="fork where the top-K entropy exceeds this")
+    entropy_top_k: int = Field(20, ge=2, le=64, description="K of the renormalised top-K entropy")
+    max_sequences: int = Field(32, ge=1, le=256, description="sequences per request, the first included")
+
+
+def eager_branch(step: DecodeStep) -> DecodeDecision:
+    topk_entropy = step.signals["topk_entropy"]  # [B]
+    branch = topk_entropy > step.params["threshold"]
+    return DecodeDecision(branch_width=branch.long(), event_values={"topk_entropy": topk_entropy})
+
+
+@hookimpl
+def register_policies(register):
+    register(
+        PolicySpec(
+            name=NAME,
+            params=EagerParams,
+            description="EAGer: fork a sequence where its top-K entropy exceeds a threshold, up to max_sequences",
+            stop_reasons=(),
+            signals=("topk_entropy",),
+        )
+    )
+
+
+@hookimpl
+def decode_step(policy, step):
+    if policy != NAME:
+        return None
+    return eager_branch(step)
