@@ -25,7 +25,7 @@ def entropy_server(model_path, tmp_path_factory):
     that sets deepconf's default window to 8 tokens."""
     config = tmp_path_factory.mktemp("config") / "entropy.json"
     config.write_text(json.dumps({"policies": {"deepconf": {"window_size": 8}}}))
-    args = ["--entropy-policies", "deepconf,echo", "--entropy-config", str(config)]
+    args = ["--entropy-policies", "deepconf,echo,eager", "--entropy-config", str(config)]
     with sglang_server.launch(model_path, enable_entropy=True, extra_args=args) as server:
         yield server
 

@@ -1,0 +1,94 @@
+"""End to end (work in progress): the eager policy forks sequences inside the real server."""
+
+import threading
+import time
+import uuid
+
+import pytest
+import requests
+
+from tests.test_prune_server import entropy_state, used_tokens
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def question(tokenizer):
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 3 + 4?"}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def eager(server, text, params, rid=None, **sampling):
+    body = {
+        "text": text,
+        "sampling_params": {
+            "max_new_tokens": 24,
+            "temperature": 0.7,
+            "custom_params": {"entropy": {"policy": "eager", "params": params, "return_signals": ["topk_entropy"]}},
+            **sampling,
+        },
+    }
+    if rid is not None:
+        body["rid"] = rid
+    response = requests.post(f"{server.url}/generate", json=body, timeout=900)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_branches_fork_where_topk_entropy_exceeds_the_threshold(entropy_server, question):
+    requests.post(f"{entropy_server.url}/flush_cache", timeout=60).raise_for_status()
+    threshold = 1.5
+    sequences = eager(entropy_server, question, {"threshold": threshold, "max_sequences": 4})
+    assert 1 < len(sequences) <= 4
+    by_id = {s["meta_info"]["id"]: s for s in sequences}
+    root_prompt = sequences[0]["meta_info"]["prompt_tokens"]
+    for sequence in sequences:
+        meta = sequence["meta_info"]
+        entropy = meta["entropy"]["signals"]["topk_entropy"]
+        for event in meta["entropy"]["events"]:
+            if event["kind"] == "branch":
+                assert entropy[event["token_index"]] == pytest.approx(event["topk_entropy"])
+                assert event["topk_entropy"] > threshold
+                for child_id in event["children"]:
+                    child = by_id[child_id]["meta_info"]
+                    assert child["entropy"]["sequence"] == {
+                        "parent": meta["id"],
+                        "branch_token_index": event["token_index"],
+                    }
+        parent = meta["entropy"]["sequence"]["parent"]
+        if parent is not None:
+            # the child's input is the root prompt plus the parent's tokens before the branch, and
+            # all but its last token were found in the radix tree, where only its ancestors put them
+            assert meta["cached_tokens"] == meta["prompt_tokens"] - 1
+            assert meta["prompt_tokens"] >= root_prompt
+
+
+def test_aborting_a_branching_request_frees_every_sequence(entropy_server, question):
+    baseline = used_tokens(entropy_server)
+    rid = f"eager-{uuid.uuid4().hex}"
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.update(
+            sequences=eager(
+                entropy_server,
+                question,
+                {"threshold": 0.5, "max_sequences": 4},
+                rid=rid,
+                max_new_tokens=2000,
+                ignore_eos=True,
+            )
+        )
+    )
+    worker.start()
+    deadline = time.time() + 120
+    while entropy_state(entropy_server)["active_requests"] < 3:
+        assert time.time() < deadline, "the request never branched"
+        time.sleep(0.2)
+    requests.post(f"{entropy_server.url}/abort_request", json={"rid": rid}, timeout=60).raise_for_status()
+    worker.join(timeout=300)
+    assert not worker.is_alive()
+    assert all(s["meta_info"]["finish_reason"]["type"] == "abort" for s in result["sequences"])
+    state = entropy_state(entropy_server)
+    assert state["active_requests"] == 0 and state["active_slots"] == 0
+    assert used_tokens(entropy_server) == baseline
