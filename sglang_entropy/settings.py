@@ -92,11 +92,14 @@ class ServerSettings:
             )
         return list(self.allowed_policies)
 
-    def resolve(self, raw: Any, registry: PolicyRegistry, n: int = 1) -> ResolvedRequest | None:
+    def resolve(
+        self, raw: Any, registry: PolicyRegistry, n: int = 1, temperature: float | None = None
+    ) -> ResolvedRequest | None:
         """Validate one request's ``custom_params``; ``None`` when it asks for nothing.
 
-        ``n`` (the request's number of samples) reaches the policy's validators as
-        ``info.context["n"]``: a group policy may accept some parameters only for groups."""
+        ``n`` (the request's number of samples) and its sampling ``temperature`` (None where
+        unknown) reach the policy's validators as ``info.context``: a group policy may accept
+        some parameters only for groups, a branching policy may require sampling."""
         if raw is None:
             return None
         if not isinstance(raw, dict):
@@ -123,7 +126,7 @@ class ServerSettings:
             spec = registry.get(request.policy).spec
             merged = {**self.config.policies.get(request.policy, {}), **request.params}
             try:
-                params = spec.params.model_validate(merged, context={"n": n})
+                params = spec.params.model_validate(merged, context={"n": n, "temperature": temperature})
             except ValidationError as e:
                 raise EntropyRequestError(_describe(e, f"{prefix}.params")) from None
         elif request.params:

@@ -32,6 +32,7 @@ class PolicySpec:
     signals: tuple[str, ...] = ("entropy", "topk_entropy", "confidence", "margin", "varentropy", "group_confidence")
     family: str = "decode"  # "decode", "dllm" or "speculative"
     groups: bool = False
+    branches: bool = False  # its branch decisions fork sequences; the response lists them all
 
 
 @dataclass

@@ -92,3 +92,12 @@ def test_aborting_a_branching_request_frees_every_sequence(entropy_server, quest
     state = entropy_state(entropy_server)
     assert state["active_requests"] == 0 and state["active_slots"] == 0
     assert used_tokens(entropy_server) == baseline
+
+
+def test_eager_needs_sampling(entropy_server, question):
+    body = {
+        "text": question,
+        "sampling_params": {"temperature": 0, "custom_params": {"entropy": {"policy": "eager"}}},
+    }
+    response = requests.post(f"{entropy_server.url}/generate", json=body, timeout=60)
+    assert response.status_code == 400 and "temperature > 0" in response.json()["error"]["message"]

@@ -78,6 +78,13 @@ def fork_rows(batch, host, runtime) -> None:
         logger.debug("fork %s at token %d into %s (%d shared tokens)", req.rid, index, children, shared)
 
 
+def is_branching_request(resolved) -> bool:
+    from sglang_entropy.registry import installed_policies
+
+    options = resolved[0] if len(resolved) == 1 else None
+    return options is not None and options.policy is not None and installed_policies().get(options.policy).spec.branches
+
+
 def generate_with_branches(original, tokenizer_manager, obj, request, options):
     """Tokenizer side of a branching request: register every possible child rid, run the
     request, then wait for each child that was forked (children may fork too)."""

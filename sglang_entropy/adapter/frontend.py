@@ -12,7 +12,7 @@ import json
 
 from sglang.srt.plugins.hook_registry import HookType
 
-from sglang_entropy.adapter import groups
+from sglang_entropy.adapter import branching, groups
 from sglang_entropy.adapter.runtime import EVENTS_KEY, SIGNAL_KEY
 from sglang_entropy.registry import installed_policies
 from sglang_entropy.settings import EntropyRequestError, ResolvedRequest, ServerSettings
@@ -32,7 +32,8 @@ def resolve_all(sampling_params) -> list[ResolvedRequest | None]:
     for params in items:
         custom = params.get("custom_params") if isinstance(params, dict) else None
         n = params.get("n", 1) if isinstance(params, dict) else 1
-        resolved.append(_settings().resolve(custom, installed_policies(), n=n or 1))
+        temperature = params.get("temperature", 1.0) if isinstance(params, dict) else 1.0
+        resolved.append(_settings().resolve(custom, installed_policies(), n=n or 1, temperature=temperature))
     return resolved
 
 
@@ -71,9 +72,7 @@ def generate_request(original, tokenizer_manager, obj, request=None):
 
     async def outputs():
         resolved = resolve_all(getattr(obj, "sampling_params", None))
-        if len(resolved) == 1 and resolved[0] is not None and resolved[0].policy == "eager":  # WIP: spec flag
-            from sglang_entropy.adapter import branching
-
+        if branching.is_branching_request(resolved):
             async for out in branching.generate_with_branches(original, tokenizer_manager, obj, request, resolved[0]):
                 yield out
             return
@@ -123,7 +122,9 @@ def validate_openai_request(original, serving, request):
     custom = getattr(request, "custom_params", None)
     n = getattr(request, "n", 1) or 1
     try:
-        options = _settings().resolve(custom, installed_policies(), n=n)
+        options = _settings().resolve(
+            custom, installed_policies(), n=n, temperature=getattr(request, "temperature", None)
+        )
         if groups.forms_group(options, n):
             prompt = getattr(request, "prompt", None)  # completions; chat requests have one conversation
             single = not (isinstance(prompt, list) and prompt and not isinstance(prompt[0], int))

@@ -4,7 +4,7 @@ The adapter carries out the fork inside the scheduler (the child reuses the pare
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from sglang_entropy import hookimpl
 from sglang_entropy.types import DecodeDecision, DecodeStep, PolicySpec
@@ -17,6 +17,15 @@ class EagerParams(BaseModel):
     threshold: float = Field(2.4, description="fork where the top-K entropy exceeds this")
     entropy_top_k: int = Field(20, ge=2, le=64, description="K of the renormalised top-K entropy")
     max_sequences: int = Field(32, ge=1, le=256, description="sequences per request, the first included")
+
+    @model_validator(mode="after")
+    def _needs_sampling(self, info: ValidationInfo):
+        temperature = (info.context or {}).get("temperature")
+        if temperature is not None and temperature <= 0:
+            raise ValueError(
+                f"eager needs temperature > 0 (got {temperature}): greedy branches would repeat the parent"
+            )
+        return self
 
 
 def eager_branch(step: DecodeStep) -> DecodeDecision:
@@ -34,6 +43,7 @@ def register_policies(register):
             description="EAGer: fork a sequence where its top-K entropy exceeds a threshold, up to max_sequences",
             stop_reasons=(),
             signals=("topk_entropy",),
+            branches=True,
         )
     )
 
