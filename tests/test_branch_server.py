@@ -101,3 +101,20 @@ def test_eager_needs_sampling(entropy_server, question):
     }
     response = requests.post(f"{entropy_server.url}/generate", json=body, timeout=60)
     assert response.status_code == 400 and "temperature > 0" in response.json()["error"]["message"]
+
+
+def test_requests_of_a_budget_group_share_its_budget(entropy_server, tokenizer):
+    from concurrent.futures import ThreadPoolExecutor
+
+    group = uuid.uuid4().hex
+    questions = ["What is 3 + 4?", "Name a colour.", "Write a word that rhymes with cat."]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ]
+    params = {"threshold": 0.5, "max_sequences": 4, "budget_group": group, "budget": 5}
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda text: eager(entropy_server, text, params), texts))
+    counts = [len(sequences) for sequences in answers]
+    assert sum(counts) == 5, counts  # at threshold 0.5 every prompt wants to branch: the pool runs dry
+    assert all(1 <= c <= 4 for c in counts)

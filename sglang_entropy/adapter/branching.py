@@ -14,6 +14,7 @@ import copy
 import logging
 import uuid
 from array import array
+from collections import OrderedDict
 
 from sglang.srt.plugins.hook_registry import HookType
 
@@ -23,6 +24,7 @@ _SCHEDULER = None
 _TOKENIZED: dict = {}  # rid -> TokenizedGenerateReqInput of requests with a policy
 _ROOT: dict[str, str] = {}  # rid -> rid of the client request it belongs to
 _SIZE: dict[str, int] = {}  # root rid -> sequences so far
+_POOLS: OrderedDict[str, int] = OrderedDict()  # budget group -> sequences left (most recent 256 kept)
 CHILDREN: dict[tuple[str, int], list[str]] = {}  # (rid, token index) -> child rids forked there
 
 
@@ -33,7 +35,15 @@ def remember_request(scheduler, recv_req, *args, **kwargs):
     if isinstance(custom.get("entropy"), dict) and custom["entropy"].get("policy"):
         _TOKENIZED[recv_req.rid] = recv_req
         root = _ROOT.setdefault(recv_req.rid, recv_req.rid)
-        _SIZE.setdefault(root, 1)
+        if root == recv_req.rid and root not in _SIZE:
+            _SIZE[root] = 1
+            params = custom["entropy"].get("params") or {}
+            if params.get("budget_group") is not None:  # validated by the tokenizer manager
+                group = params["budget_group"]
+                _POOLS[group] = _POOLS.get(group, params["budget"]) - 1
+                _POOLS.move_to_end(group)
+                while len(_POOLS) > 256:
+                    _POOLS.popitem(last=False)
 
 
 def forget_request(rid: str) -> None:
@@ -54,6 +64,9 @@ def fork_rows(batch, host, runtime) -> None:
             continue
         cap = getattr(record.resolved.params, "max_sequences", 1)
         width = min(int(row["branch_width"]), cap - _SIZE[root])
+        group = getattr(record.resolved.params, "budget_group", None)
+        if group is not None:
+            width = min(width, _POOLS.get(group, 0))
         if width <= 0:
             continue
         index = int(row["token_index"])  # the token sampled now; the children replace it
@@ -74,6 +87,8 @@ def fork_rows(batch, host, runtime) -> None:
             _ROOT[child.rid] = root
             children.append(child.rid)
             _SCHEDULER.handle_generate_request(child)
+        if group is not None:
+            _POOLS[group] -= len(children)
         CHILDREN[(req.rid, index)] = children
         logger.debug("fork %s at token %d into %s (%d shared tokens)", req.rid, index, children, shared)
 

@@ -1,6 +1,11 @@
 """EAGer (Scalena et al. 2025): a request starts one sequence; wherever a sequence's top-K
 entropy exceeds ``threshold`` it forks, until the request holds ``max_sequences`` sequences.
-The adapter carries out the fork inside the scheduler (the child reuses the parent's KV)."""
+The adapter carries out the fork inside the scheduler (the child reuses the parent's KV).
+
+EAGer-adapt budget rule: requests that name the same ``budget_group`` share ``budget``
+sequences. Each request's first sequence takes one; each fork takes one more while any are
+left (and the request holds fewer than ``max_sequences``). Prompts whose tokens stay below the
+threshold never fork, so the budget they leave goes to the prompts that still branch."""
 
 from __future__ import annotations
 
@@ -17,9 +22,15 @@ class EagerParams(BaseModel):
     threshold: float = Field(2.4, description="fork where the top-K entropy exceeds this")
     entropy_top_k: int = Field(20, ge=2, le=64, description="K of the renormalised top-K entropy")
     max_sequences: int = Field(32, ge=1, le=256, description="sequences per request, the first included")
+    budget_group: str | None = Field(
+        None, min_length=1, max_length=128, description="requests naming the same group share one budget"
+    )
+    budget: int | None = Field(None, ge=1, description="sequences all requests of budget_group may hold together")
 
     @model_validator(mode="after")
     def _needs_sampling(self, info: ValidationInfo):
+        if (self.budget_group is None) != (self.budget is None):
+            raise ValueError("budget_group and budget go together")
         temperature = (info.context or {}).get("temperature")
         if temperature is not None and temperature <= 0:
             raise ValueError(
