@@ -75,6 +75,18 @@ def cmd_bench_prune(args) -> int:
     return run_prune(args)
 
 
+def cmd_bench_branch(args) -> int:
+    try:
+        from sglang_entropy_branch.bench import run_branch
+    except ImportError:
+        print(
+            "bench branch needs the branch and prune plugins: pip install plugins/sglang-entropy-branch",
+            file=sys.stderr,
+        )
+        return 2
+    return run_branch(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sglang-entropy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +130,22 @@ def main(argv=None) -> int:
     r.add_argument("--seed", type=int, default=0, help="which questions")
     r.add_argument("--out", default="examples/results/prune", help="path prefix of the .md, .json and .png results")
     r.set_defaults(func=cmd_bench_prune)
+    b = bench.add_parser("branch", help="full sampling vs EAGer vs EAGer-adapt: pass@k, majority, tokens, time")
+    b.add_argument("--url")
+    b.add_argument("--model-path")
+    b.add_argument("--tokenizer")
+    b.add_argument("--task", choices=("arith", "gsm8k"), default="arith")
+    b.add_argument("--data")
+    b.add_argument("--questions", type=int, default=30)
+    b.add_argument("--max-sequences", type=int, default=8)
+    b.add_argument("--threshold", type=float, default=2.4)
+    b.add_argument("--adapt-share", type=float, default=0.5, help="EAGer-adapt budget per question, x max_sequences")
+    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--temperature", type=float, default=0.6)
+    b.add_argument("--concurrency", type=int, default=4)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", default="examples/results/branch")
+    b.set_defaults(func=cmd_bench_branch)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,148 @@
+"""``sglang-entropy bench branch``: full parallel sampling (n = max_sequences) vs EAGer vs
+EAGer-adapt, side by side in one run: same server, model and questions.
+
+Full sampling runs every question with ``n`` = M traces. EAGer starts one sequence per
+question and forks at high top-K entropy, up to M. EAGer-adapt runs the questions of each
+batch as one budget group holding ``adapt_share`` x M sequences per question, which forks
+draw from wherever they are needed (each question still capped at M). Reported: pass@k (any
+sequence right), majority-vote accuracy, generated tokens and wall time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+import requests
+from rich.console import Console
+from rich.table import Table
+
+from sglang_entropy_branch.client import majority, sequences
+
+
+def _post(url: str, body: dict) -> tuple[list[dict], float]:
+    start = time.perf_counter()
+    response = requests.post(f"{url}/generate", json=body, timeout=3600)
+    if response.status_code != 200:
+        raise RuntimeError(f"{url}/generate answered {response.status_code}: {response.text[:500]}")
+    outputs = response.json()
+    return (outputs if isinstance(outputs, list) else [outputs]), time.perf_counter() - start
+
+
+def run_arm(url, arm, texts, args, group):
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    eager = {"threshold": args.threshold, "max_sequences": args.max_sequences}
+    if arm == "EAGer-adapt":
+        eager.update(budget_group=group, budget=int(args.adapt_share * args.max_sequences * len(texts)))
+
+    def one(text):
+        if arm == "full sampling":
+            body = {"text": text, "sampling_params": {**sampling, "n": args.max_sequences}}
+        else:
+            entropy = {"policy": "eager", "params": eager}
+            body = {"text": text, "sampling_params": {**sampling, "custom_params": {"entropy": entropy}}}
+        return _post(url, body)[0]
+
+    with ThreadPoolExecutor(len(texts)) as pool:
+        return list(pool.map(one, texts))
+
+
+def run_branch(args) -> int:
+    from sglang_entropy_prune.bench import arithmetic_questions, gsm8k_questions
+    from sglang_entropy_prune.voting import extract_answer
+    from transformers import AutoTokenizer
+
+    from sglang_entropy import server as sglang_server
+    from sglang_entropy.model import build_default_model
+
+    console = Console()
+    if args.task == "gsm8k":
+        questions = gsm8k_questions(Path(args.data), args.questions, args.seed)
+    else:
+        questions = arithmetic_questions(args.questions, args.seed)
+    model_path = args.model_path or (None if args.url else build_default_model(progress=console.print))
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_path)
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q.prompt}], tokenize=False, add_generation_prompt=True
+        )
+        for q in questions
+    ]
+    arms = ("full sampling", "EAGer", "EAGer-adapt")
+    launcher = (
+        nullcontext(type("Running", (), {"url": args.url}))
+        if args.url
+        else sglang_server.launch(model_path, enable_entropy=True, extra_args=["--entropy-policies", "eager"])
+    )
+    scores = {arm: [] for arm in arms}
+    seconds = dict.fromkeys(arms, 0.0)
+    with launcher as server:
+        for start in range(0, len(questions), args.concurrency):
+            chunk = list(range(start, min(start + args.concurrency, len(questions))))
+            shift = (start // args.concurrency) % len(arms)
+            for arm in arms[shift:] + arms[:shift]:
+                begin = time.perf_counter()
+                answers = run_arm(server.url, arm, [texts[i] for i in chunk], args, uuid.uuid4().hex)
+                seconds[arm] += time.perf_counter() - begin
+                for i, outputs in zip(chunk, answers, strict=True):
+                    fmt = questions[i].answer_format
+                    if arm == "full sampling":
+                        found = [extract_answer(o["text"], fmt) for o in outputs]
+                    else:
+                        found = [s.answer for s in sequences(outputs, tokenizer, lambda t, f=fmt: extract_answer(t, f))]
+                    scores[arm].append(
+                        {
+                            "question": i,
+                            "sequences": len(outputs),
+                            "tokens": sum(o["meta_info"]["completion_tokens"] for o in outputs),
+                            "pass": questions[i].answer in found,
+                            "majority": majority(found) == questions[i].answer,
+                        }
+                    )
+            console.print(f"{chunk[-1] + 1}/{len(questions)} questions")
+    base_tokens = sum(r["tokens"] for r in scores["full sampling"])
+    summary = [
+        {
+            "arm": arm,
+            "sequences": sum(r["sequences"] for r in scores[arm]),
+            "tokens": sum(r["tokens"] for r in scores[arm]),
+            "token_ratio": sum(r["tokens"] for r in scores[arm]) / base_tokens,
+            "pass_at_k": sum(r["pass"] for r in scores[arm]) / len(questions),
+            "majority": sum(r["majority"] for r in scores[arm]) / len(questions),
+            "seconds": seconds[arm],
+            "time_ratio": seconds[arm] / seconds["full sampling"],
+        }
+        for arm in arms
+    ]
+    command = "sglang-entropy bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1 :])
+    meta = {
+        "command": command,
+        **{k: v for k, v in vars(args).items() if k != "func"},
+        "date": datetime.date.today().isoformat(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "records": scores}, indent=2))
+    table = Table(title=f"{args.task}: {len(questions)} questions, M = {args.max_sequences}")
+    for column in ("arm", "sequences", "tokens", "vs full", "pass@k", "majority", "wall s", "vs full"):
+        table.add_column(column)
+    for r in summary:
+        table.add_row(
+            r["arm"],
+            str(r["sequences"]),
+            str(r["tokens"]),
+            f"{r['token_ratio']:.3f}",
+            f"{r['pass_at_k']:.3f}",
+            f"{r['majority']:.3f}",
+            f"{r['seconds']:.1f}",
+            f"{r['time_ratio']:.3f}",
+        )
+    console.print(table)
+    return 0
