@@ -145,4 +145,52 @@ def run_branch(args) -> int:
             f"{r['time_ratio']:.3f}",
         )
     console.print(table)
+    write_report(out, meta, summary)
+    console.print(f"results written to {out}.md, .json and .png")
     return 0
+
+
+def write_report(out: Path, meta: dict, summary: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [
+        f"# Branch-on-entropy vs full sampling: {meta['task']}",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"{meta['questions']} questions; M = {meta['max_sequences']} sequences per question (full sampling: n = M; "
+        f"EAGer: at most M; EAGer-adapt: at most M, from a pool of {meta['adapt_share']} x M per question shared by "
+        f"the {meta['concurrency']} questions of each batch); top-K entropy threshold {meta['threshold']}; "
+        f"temperature {meta['temperature']}; at most {meta['max_new_tokens']} new tokens; {meta['date']}.",
+        "",
+        "pass@k: any sequence of the question is right. Tokens: generated tokens (a child's shared prefix "
+        "comes from the parent's KV cache and is not generated again).",
+        "",
+        "| arm | sequences | tokens | vs full | pass@k | majority | wall s | vs full |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary:
+        lines.append(
+            f"| {r['arm']} | {r['sequences']} | {r['tokens']} | {r['token_ratio']:.3f} | {r['pass_at_k']:.3f} "
+            f"| {r['majority']:.3f} | {r['seconds']:.1f} | {r['time_ratio']:.3f} |"
+        )
+    lines += ["", "Wall times on a CPU are for the ratio only, not a speed claim."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    figure, (tokens_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [r["arm"] for r in summary]
+    tokens_axis.bar(names, [r["token_ratio"] for r in summary], color=["gray", "tab:blue", "tab:green"])
+    tokens_axis.set_ylabel("generated tokens (full sampling = 1)")
+    for offset, key in enumerate(("pass_at_k", "majority")):
+        accuracy_axis.bar(
+            [i + (offset - 0.5) * 0.35 for i in range(len(names))], [r[key] for r in summary], 0.35, label=key
+        )
+    accuracy_axis.set_xticks(range(len(names)), names)
+    accuracy_axis.set_ylim(0, 1.25)
+    accuracy_axis.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    accuracy_axis.set_ylabel("accuracy")
+    accuracy_axis.legend(loc="upper center", ncol=2)
+    figure.suptitle(f"{meta['task']}: {meta['questions']} questions, M = {meta['max_sequences']}")
+    figure.tight_layout()
+    figure.savefig(out.with_suffix(".png"), dpi=120)
