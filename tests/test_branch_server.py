@@ -42,7 +42,6 @@ def test_branches_fork_where_topk_entropy_exceeds_the_threshold(entropy_server, 
     sequences = eager(entropy_server, question, {"threshold": threshold, "max_sequences": 4})
     assert 1 < len(sequences) <= 4
     by_id = {s["meta_info"]["id"]: s for s in sequences}
-    root_prompt = sequences[0]["meta_info"]["prompt_tokens"]
     for sequence in sequences:
         meta = sequence["meta_info"]
         entropy = meta["entropy"]["signals"]["topk_entropy"]
@@ -61,7 +60,11 @@ def test_branches_fork_where_topk_entropy_exceeds_the_threshold(entropy_server, 
             # the child's input is the root prompt plus the parent's tokens before the branch, and
             # all but its last token were found in the radix tree, where only its ancestors put them
             assert meta["cached_tokens"] == meta["prompt_tokens"] - 1
-            assert meta["prompt_tokens"] >= root_prompt
+            parent_meta = by_id[parent]["meta_info"]
+            assert (
+                meta["prompt_tokens"]
+                == parent_meta["prompt_tokens"] + meta["entropy"]["sequence"]["branch_token_index"]
+            )
 
 
 def test_aborting_a_branching_request_frees_every_sequence(entropy_server, question):
@@ -118,3 +121,25 @@ def test_requests_of_a_budget_group_share_its_budget(entropy_server, tokenizer):
     counts = [len(sequences) for sequences in answers]
     assert sum(counts) == 5, counts  # at threshold 0.5 every prompt wants to branch: the pool runs dry
     assert all(1 <= c <= 4 for c in counts)
+
+
+def test_client_rebuilds_each_sequence_as_the_server_built_it(entropy_server, question, tokenizer):
+    from sglang_entropy_branch.client import sequences
+
+    outputs = eager(entropy_server, question, {"threshold": 1.5, "max_sequences": 6})
+    found = sequences(outputs, tokenizer, lambda text: None)
+    root_prompt = outputs[0]["meta_info"]["prompt_tokens"]
+    for sequence, output in zip(found, outputs, strict=True):
+        meta = output["meta_info"]
+        # the server's child input is the root prompt plus the shared tokens: same count as the client's
+        shared = len(sequence.token_ids) - meta["completion_tokens"]
+        assert shared == meta["prompt_tokens"] - root_prompt
+        assert sequence.token_ids[shared:] == output["output_ids"]
+
+
+def test_example_prints_sequences_and_a_vote(entropy_server, tokenizer):
+    import runpy
+
+    example = runpy.run_path("examples/eager_branches.py")
+    found = example["ask"](entropy_server.url, tokenizer, "What is 3 + 4?", threshold=1.5, max_sequences=4)
+    assert len(found) > 1 and all(s.text for s in found)

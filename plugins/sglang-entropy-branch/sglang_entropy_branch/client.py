@@ -20,20 +20,23 @@ def sequences(outputs: list[dict], tokenizer, extract_answer) -> list[Sequence]:
     """Rebuild every sequence's full output: its parent's tokens before the branch point,
     then its own. ``outputs`` is the list ``/generate`` returns for an eager request."""
     by_id = {o["meta_info"]["id"]: o for o in outputs}
-    full: dict[str, list[int]] = {}
+    prefix: dict[str, list[int]] = {}  # tokens a sequence shares with its ancestors
 
-    def tokens_of(rid: str) -> list[int]:
-        if rid not in full:
+    def prefix_of(rid: str) -> list[int]:
+        if rid not in prefix:
             info = by_id[rid]["meta_info"]["entropy"]["sequence"]
-            prefix = [] if info["parent"] is None else tokens_of(info["parent"])[: info["branch_token_index"]]
-            full[rid] = prefix + list(by_id[rid]["output_ids"])
-        return full[rid]
+            if info["parent"] is None:
+                prefix[rid] = []
+            else:  # the parent's tokens before the branch point (an index into the parent's own output)
+                parent = prefix_of(info["parent"]) + list(by_id[info["parent"]]["output_ids"])
+                prefix[rid] = parent[: len(prefix_of(info["parent"])) + info["branch_token_index"]]
+        return prefix[rid]
 
     result = []
     for output in outputs:
         rid = output["meta_info"]["id"]
         info = output["meta_info"]["entropy"]["sequence"]
-        ids = tokens_of(rid)
+        ids = prefix_of(rid) + list(output["output_ids"])
         text = tokenizer.decode(ids, skip_special_tokens=True)
         result.append(Sequence(rid, info["parent"], info["branch_token_index"], ids, text, extract_answer(text)))
     return result

@@ -9,6 +9,7 @@ threshold never fork, so the budget they leave goes to the prompts that still br
 
 from __future__ import annotations
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from sglang_entropy import hookimpl
@@ -22,6 +23,11 @@ class EagerParams(BaseModel):
     threshold: float = Field(2.4, description="fork where the top-K entropy exceeds this")
     entropy_top_k: int = Field(20, ge=2, le=64, description="K of the renormalised top-K entropy")
     max_sequences: int = Field(32, ge=1, le=256, description="sequences per request, the first included")
+    echo_width: bool = Field(
+        False,
+        description="fork clip(round(1 + 2(H - 1)/2.5 - (G - 1.2)/1.2), 1, 4) sequences (ECHO's width from "
+        "entropy H and group confidence G) instead of one",
+    )
     budget_group: str | None = Field(
         None, min_length=1, max_length=128, description="requests naming the same group share one budget"
     )
@@ -39,10 +45,21 @@ class EagerParams(BaseModel):
         return self
 
 
+def echo_width(entropy: torch.Tensor, group_confidence: torch.Tensor) -> torch.Tensor:
+    """ECHO's branch width: more branches at higher entropy, fewer at higher group confidence."""
+    width = 1 + 2 * (entropy - 1.0) / (3.5 - 1.0) - (group_confidence - 1.2) / 1.2
+    return torch.round(width).clamp(1, 4).long()
+
+
 def eager_branch(step: DecodeStep) -> DecodeDecision:
     topk_entropy = step.signals["topk_entropy"]  # [B]
     branch = topk_entropy > step.params["threshold"]
-    return DecodeDecision(branch_width=branch.long(), event_values={"topk_entropy": topk_entropy})
+    width = torch.where(
+        step.params["echo_width"],
+        echo_width(step.signals["entropy"], step.signals["group_confidence"]),
+        torch.ones_like(branch, dtype=torch.long),
+    )
+    return DecodeDecision(branch_width=torch.where(branch, width, 0), event_values={"topk_entropy": topk_entropy})
 
 
 @hookimpl
@@ -53,7 +70,7 @@ def register_policies(register):
             params=EagerParams,
             description="EAGer: fork a sequence where its top-K entropy exceeds a threshold, up to max_sequences",
             stop_reasons=(),
-            signals=("topk_entropy",),
+            signals=("topk_entropy", "entropy", "group_confidence"),
             branches=True,
         )
     )
