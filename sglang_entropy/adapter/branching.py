@@ -1,4 +1,4 @@
-"""WORK IN PROGRESS (branch eager-wip, issue 4): carry out branch decisions inside SGLang.
+"""Carry out policies' branch decisions inside SGLang (policies registered with ``branches=True``).
 
 Scheduler side: when a policy's decision gives a row ``branch_width`` > 0 (and the request's
 family holds fewer than ``max_sequences`` sequences), the parent's KV up to the branch token is
@@ -24,6 +24,7 @@ _SCHEDULER = None
 _TOKENIZED: dict = {}  # rid -> TokenizedGenerateReqInput of requests with a policy
 _ROOT: dict[str, str] = {}  # rid -> rid of the client request it belongs to
 _SIZE: dict[str, int] = {}  # root rid -> sequences so far
+_LIVE: dict[str, int] = {}  # root rid -> sequences not finished yet
 _POOLS: OrderedDict[str, int] = OrderedDict()  # budget group -> sequences left (most recent 256 kept)
 CHILDREN: dict[tuple[str, int], list[str]] = {}  # (rid, token index) -> child rids forked there
 
@@ -36,7 +37,7 @@ def remember_request(scheduler, recv_req, *args, **kwargs):
         _TOKENIZED[recv_req.rid] = recv_req
         root = _ROOT.setdefault(recv_req.rid, recv_req.rid)
         if root == recv_req.rid and root not in _SIZE:
-            _SIZE[root] = 1
+            _SIZE[root] = _LIVE[root] = 1
             params = custom["entropy"].get("params") or {}
             if params.get("budget_group") is not None:  # validated by the tokenizer manager
                 group = params["budget_group"]
@@ -47,10 +48,13 @@ def remember_request(scheduler, recv_req, *args, **kwargs):
 
 
 def forget_request(rid: str) -> None:
+    """A sequence finished; its request's counters go once every sequence has."""
     _TOKENIZED.pop(rid, None)
     root = _ROOT.pop(rid, None)
-    if root == rid:
-        _SIZE.pop(root, None)
+    if root in _LIVE:
+        _LIVE[root] -= 1
+        if _LIVE[root] == 0:
+            del _LIVE[root], _SIZE[root]
 
 
 def fork_rows(batch, host, runtime) -> None:
@@ -85,6 +89,7 @@ def fork_rows(batch, host, runtime) -> None:
             child.sampling_params = copy.copy(recv.sampling_params)
             child.sampling_params.max_new_tokens = recv.sampling_params.max_new_tokens - index
             _ROOT[child.rid] = root
+            _LIVE[root] += 1
             children.append(child.rid)
             _SCHEDULER.handle_generate_request(child)
         if group is not None:
