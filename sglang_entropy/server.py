@@ -71,6 +71,17 @@ class Server:
 
 
 @contextmanager
+def server_url(url: str | None, model_path, extra_args=(), progress=None):
+    """Yield ``url`` when a server is already running there; otherwise launch one with the
+    adapter enabled for as long as the block runs and yield its URL (benchmarks take either)."""
+    if url:
+        yield url
+        return
+    with launch(model_path, enable_entropy=True, extra_args=extra_args, progress=progress) as server:
+        yield server.url
+
+
+@contextmanager
 def launch(model_path, enable_entropy=True, extra_args=(), extra_env=None, timeout=600, progress=None):
     """Start the server, wait until it generates, yield a ``Server``, stop it."""
     port = free_port()

@@ -17,7 +17,6 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 
 import requests
@@ -55,7 +54,7 @@ def run_arm(url, arm, texts, args, group):
 
 
 def run_branch(args) -> int:
-    from sglang_entropy_prune.bench import arithmetic_questions, gsm8k_questions
+    from sglang_entropy_prune.bench import arithmetic_questions, chat_prompts, gsm8k_questions
     from sglang_entropy_prune.voting import extract_answer
     from transformers import AutoTokenizer
 
@@ -69,27 +68,18 @@ def run_branch(args) -> int:
         questions = arithmetic_questions(args.questions, args.seed)
     model_path = args.model_path or (None if args.url else build_default_model(progress=console.print))
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_path)
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q.prompt}], tokenize=False, add_generation_prompt=True
-        )
-        for q in questions
-    ]
+    texts = chat_prompts(tokenizer, questions)
     arms = ("full sampling", "EAGer", "EAGer-adapt")
-    launcher = (
-        nullcontext(type("Running", (), {"url": args.url}))
-        if args.url
-        else sglang_server.launch(model_path, enable_entropy=True, extra_args=["--entropy-policies", "eager"])
-    )
     scores = {arm: [] for arm in arms}
     seconds = dict.fromkeys(arms, 0.0)
-    with launcher as server:
+    launched = sglang_server.server_url(args.url, model_path, ["--entropy-policies", "eager"], progress=console.print)
+    with launched as url:
         for start in range(0, len(questions), args.concurrency):
             chunk = list(range(start, min(start + args.concurrency, len(questions))))
             shift = (start // args.concurrency) % len(arms)
             for arm in arms[shift:] + arms[:shift]:
                 begin = time.perf_counter()
-                answers = run_arm(server.url, arm, [texts[i] for i in chunk], args, uuid.uuid4().hex)
+                answers = run_arm(url, arm, [texts[i] for i in chunk], args, uuid.uuid4().hex)
                 seconds[arm] += time.perf_counter() - begin
                 for i, outputs in zip(chunk, answers, strict=True):
                     fmt = questions[i].answer_format

@@ -18,7 +18,6 @@ import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +59,16 @@ def gsm8k_questions(path: Path, count: int, seed: int) -> list[Question]:
             "auto",
         )
         for row in rows
+    ]
+
+
+def chat_prompts(tokenizer, questions: list[Question]) -> list[str]:
+    """Each question as a one-turn chat, ready for the assistant's answer."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q.prompt}], tokenize=False, add_generation_prompt=True
+        )
+        for q in questions
     ]
 
 
@@ -126,24 +135,15 @@ def run_prune(args) -> int:
         console.print("--url needs --tokenizer (a HF folder or hub id) to apply the chat template")
         return 2
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q.prompt}], tokenize=False, add_generation_prompt=True
-        )
-        for q in questions
-    ]
+    texts = chat_prompts(tokenizer, questions)
     plan = arms(args)
     device = "the server at " + args.url if args.url else ("GPU" if sglang_server.has_gpu() else "CPU (portable_cpu)")
-    launcher = (
-        nullcontext(type("Running", (), {"url": args.url}))
-        if args.url
-        else sglang_server.launch(model_path, enable_entropy=True, extra_args=["--entropy-policies", "deepconf"])
-    )
     records = {arm: [] for arm in plan}
     seconds = dict.fromkeys(plan, 0.0)
-    with console.status("starting the SGLang server…") if not args.url else nullcontext():
-        server = launcher.__enter__()
-    try:
+    launched = sglang_server.server_url(
+        args.url, model_path, ["--entropy-policies", "deepconf"], progress=console.print
+    )
+    with launched as url:
         with Progress(console=console) as progress:
             task = progress.add_task("questions", total=len(questions))
             for start in range(0, len(questions), args.concurrency):
@@ -154,13 +154,11 @@ def run_prune(args) -> int:
                     begin = time.perf_counter()
                     with ThreadPoolExecutor(len(chunk)) as pool:
                         params = plan[arm]
-                        answers = list(pool.map(lambda i, p=params: ask(server.url, texts[i], args, p), chunk))
+                        answers = list(pool.map(lambda i, p=params: ask(url, texts[i], args, p), chunk))
                     seconds[arm] += time.perf_counter() - begin
                     for i, (outputs, _) in zip(chunk, answers, strict=True):
                         records[arm].append({"question": i, **score(questions[i], outputs, args.window)})
                 progress.advance(task, len(chunk))
-    finally:
-        launcher.__exit__(None, None, None)
 
     summary = summarize(records, seconds)
     meta = {
