@@ -48,6 +48,17 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_build_model(args) -> int:
+    if args.diffusion:
+        try:
+            from sglang_entropy_ccd.model import TrainConfig, build_model, default_model_dir
+        except ImportError:
+            print("--diffusion needs the CCD plugin: pip install plugins/sglang-entropy-ccd", file=sys.stderr)
+            return 2
+        out = default_model_dir()
+        if args.force or not (out / "config.json").exists():
+            build_model(out, TrainConfig(steps=args.steps) if args.steps else TrainConfig())
+        print(out)
+        return 0
     from sglang_entropy.model import build_default_model
 
     print(build_default_model(force=args.force))
@@ -87,6 +98,15 @@ def cmd_bench_branch(args) -> int:
     return run_branch(args)
 
 
+def cmd_bench_ccd(args) -> int:
+    try:
+        from sglang_entropy_ccd.bench import run_ccd
+    except ImportError:
+        print("bench ccd needs the CCD plugin: pip install plugins/sglang-entropy-ccd", file=sys.stderr)
+        return 2
+    return run_ccd(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sglang-entropy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +117,10 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("build-model", help="build the default model (SmolLM2-135M-Instruct) offline")
     p.add_argument("--force", action="store_true")
+    p.add_argument(
+        "--diffusion", action="store_true", help="train the small block-diffusion model for addition instead (CPU)"
+    )
+    p.add_argument("--steps", type=int, help="--diffusion: training steps (default 4000)")
     p.set_defaults(func=cmd_build_model)
 
     p = sub.add_parser("demo", help="launch SGLang with the adapter and show per-token entropy")
@@ -146,6 +170,24 @@ def main(argv=None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", default="examples/results/branch")
     b.set_defaults(func=cmd_bench_branch)
+
+    c = bench.add_parser("ccd", help="diffusion LM: LowConfidence vs CCD vs CCD + early exit: NFE, accuracy, time")
+    c.add_argument(
+        "--urls", help="four servers, in arm order (LowConfidence, one token per step, CCD, CCD + early exit)"
+    )
+    c.add_argument("--model-path", help="diffusion model to launch (default: the small addition model)")
+    c.add_argument("--data", help="JSONL of {question, answer} instead of held-out addition problems")
+    c.add_argument("--questions", type=int, default=200)
+    c.add_argument("--block-size", type=int, default=8)
+    c.add_argument("--threshold", type=float, default=0.95, help="LowConfidence's confidence threshold")
+    c.add_argument("--budget", type=int, default=1, help="CCD's positions per step")
+    c.add_argument("--exit-schedule", choices=("linear", "cosine", "exponential"), default="cosine")
+    c.add_argument("--tau-high", type=float, default=4.0, help="early-exit logit margin at a block's first step")
+    c.add_argument("--tau-low", type=float, default=1.0, help="... and at its last step")
+    c.add_argument("--max-new-tokens", type=int, default=16)
+    c.add_argument("--seed", type=int, default=7, help="which questions (training used seed 0)")
+    c.add_argument("--out", default="examples/results/ccd_addition")
+    c.set_defaults(func=cmd_bench_ccd)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -111,12 +111,26 @@ def group_vote(policy, group):
 
 
 @hookspec(firstresult=True)
+def denoise_start(policy, batch_size, block_size, params, device):
+    """Allocate the policy's state for denoising a batch of blocks.
+
+    Diffusion policies are registered with ``family="dllm"`` and a ``dllm_algorithm`` name;
+    SGLang runs them for every request when launched with ``--dllm-algorithm NAME`` (their
+    ``params`` come from ``--dllm-algorithm-config``). Called on the scheduler's host thread
+    before the first denoising step of each batch of blocks (``batch_size`` rows of
+    ``block_size`` positions). Returns a dict of [B, ...] device tensors, passed back as
+    ``step.state``, or ``None``. The state lives as long as those blocks.
+    """
+
+
+@hookspec(firstresult=True)
 def unmask_step(policy, step):
     """Choose which masked positions to commit at a denoising step of a diffusion LM.
 
-    Called once per denoising step of a block with a ``DenoiseStep`` ([B, L, V] logits,
-    [B, L] mask). Returns an ``UnmaskDecision``: a [B, L] bool of positions to commit (at
-    least one per unfinished row) and optionally a [B] bool early exit. Device code only.
+    Called after every model forward of a block that still has masked positions, with a
+    ``DenoiseStep`` ([B, L, V] logits, [B, L] masks). Returns an ``UnmaskDecision``: a [B, L]
+    bool of positions to commit, optionally a [B] bool early exit and the values to record in
+    a debug trace. Device code only.
     """
 
 

@@ -49,6 +49,7 @@ class EntropyRequest(BaseModel):
     policy: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     return_signals: list[SignalName] = Field(default_factory=list)
+    dllm_trace: bool = Field(False, description="diffusion LMs: return every denoising step's decisions")
 
 
 class EntropyRequestError(ValueError):
@@ -63,6 +64,7 @@ class ResolvedRequest:
     confidence_k: int
     entropy_k: int
     window: int
+    dllm_trace: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,11 @@ class ServerSettings:
                     f"(--entropy-policies); enabled: {enabled}"
                 )
             spec = registry.get(request.policy).spec
+            if spec.family == "dllm":
+                raise EntropyRequestError(
+                    f"{prefix}.policy: {request.policy!r} is a diffusion unmasking policy; the server runs it for "
+                    f"every request when launched with --dllm-algorithm {spec.dllm_algorithm}"
+                )
             merged = {**self.config.policies.get(request.policy, {}), **request.params}
             try:
                 params = spec.params.model_validate(merged, context={"n": n, "temperature": temperature})
@@ -149,6 +156,7 @@ class ServerSettings:
             confidence_k=confidence_k,
             entropy_k=entropy_k,
             window=window,
+            dllm_trace=request.dllm_trace,
         )
 
 

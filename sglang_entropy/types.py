@@ -31,6 +31,7 @@ class PolicySpec:
     stop_reasons: tuple[str, ...] = ("policy",)
     signals: tuple[str, ...] = ("entropy", "topk_entropy", "confidence", "margin", "varentropy", "group_confidence")
     family: str = "decode"  # "decode", "dllm" or "speculative"
+    dllm_algorithm: str | None = None  # family "dllm": the name --dllm-algorithm selects in SGLang
     groups: bool = False
     branches: bool = False  # its branch decisions fork sequences; the response lists them all
 
@@ -126,19 +127,38 @@ class Vote:
 
 @dataclass
 class DenoiseStep:
-    """One denoising step of a diffusion LM over a block of the canvas."""
+    """One denoising step of a diffusion LM over a batch of blocks (one block per request).
+
+    The block is the canvas the model fills: ``L`` positions, of which ``canvas`` are being
+    generated (in a request's first block the prompt's tail takes the others) and ``masked``
+    are still masked. ``step_index`` counts the steps each row has already taken on its block
+    (rows may be at different steps: SGLang's first-done-first-out mode batches blocks as they
+    come); ``max_steps`` is the most a block may take.
+    """
 
     logits: torch.Tensor  # [B, L, V] logits at every position of the block
     masked: torch.Tensor  # [B, L] bool, positions still masked
-    step_index: int  # denoising steps already taken in this block
+    canvas: torch.Tensor  # [B, L] bool, positions generated in this block (masked at its first step)
+    step_index: torch.Tensor  # [B] int64
     max_steps: int
-    state: dict[str, torch.Tensor]  # the policy's own buffers, [B, ...]
+    params: BaseModel  # the policy's parameters (from --dllm-algorithm-config), the same for every row
+    state: dict[str, torch.Tensor]  # the policy's buffers from ``denoise_start``, [B, ...]
 
 
 @dataclass
 class UnmaskDecision:
-    commit: torch.Tensor  # [B, L] bool, masked positions to commit now (take their argmax)
-    exit: torch.Tensor | None = None  # [B] bool, commit every remaining position and finish
+    """Which masked positions to commit (each takes its argmax token), for every row.
+
+    ``commit``: [B, L] bool; positions that are not masked are ignored; a row that still has
+    masked positions and commits none gets its most probable position committed, so a block
+    always ends. ``exit``: [B] bool, commit every remaining position now (early exit).
+    ``trace``: [B] or [B, L] tensors recorded for each step of a block when a request asks for
+    the debug trace (``custom_params.entropy.dllm_trace``), under these names.
+    """
+
+    commit: torch.Tensor
+    exit: torch.Tensor | None = None
+    trace: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

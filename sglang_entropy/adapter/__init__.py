@@ -36,8 +36,14 @@ def activate() -> None:
     _activated = True
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    from sglang_entropy.adapter import branching, frontend, scheduler
+    from sglang_entropy.adapter import branching, dllm, frontend, scheduler
 
-    for target, hook, hook_type in (*scheduler.HOOKS, *frontend.HOOKS, *branching.HOOKS):
+    for target, hook, hook_type in (
+        *scheduler.HOOKS,
+        *frontend.HOOKS,
+        *branching.HOOKS,
+        *dllm.HOOKS,
+        dllm.ALGORITHM_HOOK,
+    ):
         HookRegistry.register(target, hook, hook_type)
     HookRegistry.apply_hooks()

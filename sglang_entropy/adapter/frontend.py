@@ -12,7 +12,7 @@ import json
 
 from sglang.srt.plugins.hook_registry import HookType
 
-from sglang_entropy.adapter import branching, groups
+from sglang_entropy.adapter import branching, dllm, groups
 from sglang_entropy.adapter.runtime import EVENTS_KEY, SIGNAL_KEY
 from sglang_entropy.registry import installed_policies
 from sglang_entropy.settings import EntropyRequestError, ResolvedRequest, ServerSettings
@@ -50,7 +50,11 @@ def entropy_field(meta_info: dict, policy: str | None, offset: int) -> tuple[dic
     per_token_events = meta_info.pop(EVENTS_KEY, [])[offset:]
     events = [event for token_events in per_token_events if token_events for event in token_events]
     end = offset + max([len(v) for v in signals.values()] + [len(per_token_events)])
-    return {"policy": policy, "signals": signals, "events": events}, end
+    shaped = {"policy": policy, "signals": signals, "events": events}
+    blocks = [e for e in events if e.get("kind") == "block"]
+    if blocks:  # a diffusion LM: forward passes of these tokens' blocks, prompt-only blocks included
+        shaped["nfe"] = sum(e["nfe"] + e.get("prompt_nfe", 0) for e in blocks)
+    return shaped, end
 
 
 # OpenAI streams in flight: id of the request object -> choice index -> entropy values not
@@ -80,7 +84,7 @@ def generate_request(original, tokenizer_manager, obj, request=None):
             async for out in groups.run(original, tokenizer_manager, obj, request, resolved[0]):
                 yield out
             return
-        if not any(resolved):
+        if not any(resolved) and tokenizer_manager.server_args.dllm_algorithm is None:
             async for out in original(tokenizer_manager, obj, request):
                 yield out
             return
@@ -89,8 +93,10 @@ def generate_request(original, tokenizer_manager, obj, request=None):
         async for out in original(tokenizer_manager, obj, request):
             for position, item in enumerate(out if isinstance(out, list) else [out]):
                 index = item.get("index", position)
-                request_options = resolved[index] if index < len(resolved) else resolved[0]
+                request_options = resolved[index] if index < len(resolved) else (resolved[0] if resolved else None)
                 policy = request_options.policy if request_options else None
+                if policy is None and tokenizer_manager.server_args.dllm_algorithm is not None:
+                    policy = dllm.dllm_policies().get(tokenizer_manager.server_args.dllm_algorithm)
                 shaped = entropy_field(item.get("meta_info", {}), policy, offsets.get(index, 0))
                 if shaped is not None:
                     item["meta_info"]["entropy"], end = shaped

@@ -91,7 +91,8 @@ class EntropyRuntime:
         self.settings = settings
         self.registry = registry
         self.device = device
-        self.policies = settings.enabled_policies(registry)
+        # diffusion policies run as SGLang dLLM algorithms (adapter/dllm.py), not in the decode step
+        self.policies = [p for p in settings.enabled_policies(registry) if registry.get(p).spec.family == "decode"]
         signals = settings.config.signals
         zeros = lambda dtype: torch.zeros(num_slots, dtype=dtype, device=device)  # noqa: E731
         self.active = zeros(torch.bool)

@@ -1,0 +1,1 @@
+"""sglang-entropy-ccd: CCD-style adaptive unmasking with SchED early exit for diffusion LMs."""
