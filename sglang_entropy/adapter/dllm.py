@@ -142,7 +142,8 @@ def _validate_params(policy: str, algorithm_config: dict):
 def _ensure_progress(commit: torch.Tensor, masked: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Rows with masked positions but nothing to commit take their most probable masked position."""
     stalled = masked.any(dim=1) & ~commit.any(dim=1)  # [B]
-    confidence = logits.float().softmax(dim=-1).amax(dim=-1).masked_fill(~masked, -1.0)  # [B, L]
+    log_confidence = logits.amax(dim=-1) - logits.logsumexp(dim=-1)  # [B, L], log of the top probability
+    confidence = log_confidence.masked_fill(~masked, -torch.inf)
     best = torch.zeros_like(commit).scatter_(1, confidence.argmax(dim=1, keepdim=True), True)
     return commit | (best & stalled[:, None])
 

@@ -108,7 +108,8 @@ def unmask_step(policy, step: DenoiseStep):
     masked, state = step.masked, step.state  # [B, L]
     log_probs = logits.log_softmax(dim=-1)
     score = (log_probs.exp() * log_probs).sum(dim=-1)  # [B, L], negative entropy
-    predicted = logits.argmax(dim=-1)  # [B, L]
+    top2 = logits.topk(2, dim=-1)  # [B, L, 2]
+    predicted = top2.indices[..., 0]  # [B, L]
 
     rank = _rank_among_masked(score, masked)  # [B, L], 0 = best masked position
     candidates = masked & (rank < state["set_size"][:, None])
@@ -119,7 +120,7 @@ def unmask_step(policy, step: DenoiseStep):
         adaptive = torch.zeros_like(adaptive)
     commit = torch.where(adaptive[:, None], matched, top_budget)
 
-    margin = _mean_margin(logits, masked)  # [B]
+    margin = _mean_margin(top2.values, masked)  # [B]
     tau = exit_threshold(params, step.step_index / step.max_steps)
     exit_now = margin >= tau
 
@@ -141,9 +142,8 @@ def _rank_among_masked(score: torch.Tensor, masked: torch.Tensor) -> torch.Tenso
     return torch.argsort(order, dim=1)
 
 
-def _mean_margin(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """[B] mean top-1 minus top-2 logit over ``positions`` ([B, L] bool)."""
-    top2 = logits.topk(2, dim=-1).values  # [B, L, 2]
+def _mean_margin(top2: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B] mean top-1 minus top-2 logit ([B, L, 2] top-2 logits) over ``positions`` ([B, L] bool)."""
     margin = top2[..., 0] - top2[..., 1]
     weight = positions.float()
     return (margin * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)

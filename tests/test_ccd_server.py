@@ -1,0 +1,114 @@
+"""CCD on the real SGLang server (CPU platform) with the small addition diffusion model."""
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import yaml
+from sglang_entropy_ccd.model import addition_problem, ensure_model
+
+from sglang_entropy import server as sglang_server
+from tests.ccd_reference import check_trace
+
+pytestmark = pytest.mark.server
+
+BLOCK = 8
+MAX_STEPS = BLOCK + 1  # SGLang's DllmAlgorithm.max_steps
+CCD_CONFIG = {"block_size": BLOCK, "early_exit": "cosine"}
+
+
+@pytest.fixture(scope="session")
+def dllm_model():
+    return ensure_model()  # trained on first use (about 15 min on 2 cores), then cached
+
+
+def _launch(model, algorithm, config, tmp_path_factory, extra=()):
+    path = tmp_path_factory.mktemp("dllm") / f"{algorithm}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ["--dllm-algorithm", algorithm, "--dllm-algorithm-config", str(path), "--max-total-tokens", "8192", *extra]
+    return sglang_server.launch(model, enable_entropy=True, extra_args=args)
+
+
+@pytest.fixture(scope="module")
+def ccd_server(dllm_model, tmp_path_factory):
+    with _launch(dllm_model, "CCD", CCD_CONFIG, tmp_path_factory, ["--max-running-requests", "4"]) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def lowconfidence_server(dllm_model, tmp_path_factory):
+    with _launch(dllm_model, "LowConfidence", {"block_size": BLOCK}, tmp_path_factory) as server:
+        yield server
+
+
+def _generate(url, prompt, trace=False):
+    params = {"max_new_tokens": 16, "temperature": 0}
+    if trace:
+        params["custom_params"] = {"entropy": {"dllm_trace": True}}
+    response = requests.post(f"{url}/generate", json={"text": prompt, "sampling_params": params}, timeout=300)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _problems(seed, count):
+    rng = random.Random(seed)
+    return [addition_problem(rng, 999) for _ in range(count)]
+
+
+def test_committed_positions_obey_the_rule_and_answers_are_right(ccd_server):
+    problems = _problems(3, 24)
+    with ThreadPoolExecutor(4) as pool:  # blocks of different requests share batches, at different steps
+        outputs = list(pool.map(lambda p: _generate(ccd_server.url, p[0], trace=True), problems))
+    correct = 0
+    for (_, answer), out in zip(problems, outputs, strict=True):
+        entropy = out["meta_info"]["entropy"]
+        blocks = [e for e in entropy["events"] if e["kind"] == "block"]
+        assert blocks and entropy["policy"] == "ccd"
+        assert entropy["nfe"] == sum(b["nfe"] + b.get("prompt_nfe", 0) for b in blocks)
+        for block in blocks:
+            trace = block["trace"]
+            check_trace(trace, CCD_CONFIG, BLOCK, MAX_STEPS)
+            assert block["nfe"] == len(trace)  # one decision per forward of the block
+            offset = BLOCK - block["tokens"]  # the prompt's tail comes first in a request's first block
+            tokens = out["output_ids"][block["start"] : block["start"] + block["tokens"]]
+            for j, committed_at in enumerate(block["commit_steps"]):
+                assert trace[committed_at]["commit"][offset + j]
+                assert not any(step["commit"][offset + j] for step in trace[:committed_at])
+                if j < len(tokens):  # SGLang drops what follows the first EOS
+                    assert tokens[j] == trace[committed_at]["predicted"][offset + j]
+            exits = [t for t, step in enumerate(trace) if "tau" in step and step["margin"] >= step["tau"]]
+            assert block["exit_step"] == (exits[0] if exits else None)
+        correct += out["text"].strip() == answer
+    assert correct / len(problems) >= 0.8, f"{correct}/{len(problems)} right"
+
+
+def test_ccd_uses_fewer_forwards_than_lowconfidence_on_the_same_prompts(ccd_server, lowconfidence_server):
+    problems = _problems(5, 30)
+    totals, right = {}, {}
+    for name, url in (("ccd", ccd_server.url), ("lowconfidence", lowconfidence_server.url)):
+        outputs = [_generate(url, prompt) for prompt, _ in problems]
+        for out in outputs:
+            blocks = [e for e in out["meta_info"]["entropy"]["events"] if e["kind"] == "block"]
+            assert blocks and all("trace" not in b for b in blocks)  # the trace only when asked for
+        totals[name] = sum(out["meta_info"]["entropy"]["nfe"] for out in outputs)
+        right[name] = sum(out["text"].strip() == answer for out, (_, answer) in zip(outputs, problems, strict=True))
+    assert totals["ccd"] < totals["lowconfidence"], totals
+    assert right["ccd"] >= right["lowconfidence"] - 1, right
+
+
+def test_nfe_reaches_openai_clients(ccd_server):
+    body = {"model": "default", "prompt": "45+67=", "max_tokens": 16, "temperature": 0}
+    response = requests.post(f"{ccd_server.url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    completion = response.json()
+    assert completion["choices"][0]["text"].strip() == "112"
+    assert completion["metadata"]["entropy"][0]["nfe"] >= 2
+
+
+def test_selecting_ccd_per_request_is_a_clear_400(ccd_server):
+    body = {"text": "1+2=", "sampling_params": {"custom_params": {"entropy": {"policy": "ccd"}}}}
+    response = requests.post(f"{ccd_server.url}/generate", json=body, timeout=60)
+    assert response.status_code == 400
+    assert "--dllm-algorithm CCD" in response.text
+    assert _generate(ccd_server.url, "1+2=")["text"].strip() == "3"  # the server goes on
