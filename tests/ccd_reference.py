@@ -30,8 +30,8 @@ class CCDReference:
             "reset_share": 0.1,
             "adaptive": True,
             "early_exit": "none",
-            "exit_tau_high": 4.0,
-            "exit_tau_low": 1.0,
+            "exit_tau_high": 6.0,
+            "exit_tau_low": 2.0,
             "exit_rate": 3.0,
             **params,
         }

@@ -46,8 +46,8 @@ class CCDParams(BaseModel):
         "none", description="SchED threshold schedule; none disables the early exit"
     )
     # defaults chosen on the addition model's tuning questions (seed 99, not the bench's)
-    exit_tau_high: float = Field(4.0, description="logit-margin threshold at the block's first step")
-    exit_tau_low: float = Field(1.0, description="threshold at the block's last step")
+    exit_tau_high: float = Field(6.0, description="logit-margin threshold at the block's first step")
+    exit_tau_low: float = Field(2.0, description="threshold at the block's last step")
     exit_rate: float = Field(3.0, gt=0, description="exponential schedule: tau_low + (high - low) * exp(-rate * t/T)")
 
     @model_validator(mode="after")
