@@ -182,7 +182,7 @@ def write_report(out: Path, meta: dict, summary: list[dict], rows: list[dict]) -
     ]
     out.with_suffix(".md").write_text("\n".join(text))
     fig, (ax_nfe, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    labels = [s["arm"] for s in summary]
+    labels = [s["arm"].replace(" ", "\n", 1) for s in summary]
     ax_nfe.bar(labels, [s["denoise_nfe_mean"] for s in summary], color=COLORS)
     ax_nfe.set_ylabel("denoising forwards per question")
     ax_nfe.axhline(summary[0]["denoise_nfe_mean"] / 2, color="#888888", linestyle=":", linewidth=1)
