@@ -164,12 +164,11 @@ class BlockState:
 
     @classmethod
     def fresh(cls, policy_state: dict, block_size: int, device) -> "BlockState":
-        minus_one = torch.full((), -1, dtype=torch.int64, device=device)
         return cls(
             policy_state,
             steps=torch.zeros((), dtype=torch.int64, device=device),
             commit_step=torch.full((block_size,), -1, dtype=torch.int64, device=device),
-            exit_step=minus_one,
+            exit_step=torch.full((), -1, dtype=torch.int64, device=device),
         )
 
     @classmethod
@@ -277,6 +276,8 @@ def attach_blocks(scheduler, batch, result):
         return
     policy = dllm_policies().get(scheduler.dllm_config.algorithm)
     for row, req in enumerate(batch.reqs):
+        if record.failure is not None:  # SGLang applies it when the request's block is committed
+            req.to_finish = _policy_failure(policy or scheduler.dllm_config.algorithm, record.failure)
         req.entropy_block_nfe = getattr(req, "entropy_block_nfe", 0) + record.row_nfe[row]
         new_tokens = _new_tokens(scheduler, req, result, row)
         if new_tokens is None:
@@ -291,8 +292,6 @@ def attach_blocks(scheduler, batch, result):
             event["prompt_nfe"], req.entropy_prompt_nfe = prompt_nfe, 0
         if record.rows is not None and row < len(record.rows):
             event.update(record.rows[row].report(new_tokens))
-        if record.failure is not None:
-            req.to_finish = _policy_failure(policy or scheduler.dllm_config.algorithm, record.failure)
         req.customized_info = req.customized_info or {}
         _put(req.customized_info.setdefault(EVENTS_KEY, []), len(req.output_ids), [event])
 
