@@ -187,3 +187,30 @@ def test_a_request_cannot_select_a_diffusion_policy_per_request():
         settings_.resolve({"entropy": {"policy": "ccd"}}, installed_policies())
     resolved = settings_.resolve({"entropy": {"dllm_trace": True}}, installed_policies())
     assert resolved.dllm_trace is True
+
+
+def test_block_events_count_forwards_across_first_done_first_out_calls():
+    """A prompt-only block, then a block denoised over two calls: one event, NFE summed by the frontend."""
+    from sglang_entropy.adapter.frontend import entropy_field
+    from sglang_entropy.adapter.runtime import EVENTS_KEY
+
+    config = SimpleNamespace(algorithm="CCD", block_size=4, first_done_first_out_mode=True)
+    scheduler = SimpleNamespace(dllm_config=config)
+    req = SimpleNamespace(output_ids=[], origin_input_ids=[5, 6, 7, 8], extend_end=4, customized_info=None)
+    req.to_finish = None
+    batch = SimpleNamespace(reqs=[req])
+
+    def call(accepted: int, extend_end: int, failure=None):
+        req.extend_end = extend_end
+        dllm._LAST_RUN = dllm.RunRecord(row_nfe=[1], failure=failure)
+        dllm.attach_blocks(scheduler, batch, SimpleNamespace(accept_length_per_req_cpu=[accepted]))
+
+    call(accepted=4, extend_end=4)  # the prompt's only block
+    assert req.customized_info is None
+    call(accepted=0, extend_end=8, failure=ZeroDivisionError("boom"))  # still masked after one step
+    assert "boom" in req.to_finish.message  # SGLang applies it when the block is committed
+    call(accepted=4, extend_end=8)
+    (event,) = req.customized_info[EVENTS_KEY][0]
+    assert event == {"kind": "block", "nfe": 2, "start": 0, "tokens": 4, "prompt_nfe": 1}
+    shaped, _ = entropy_field(dict(req.customized_info), "ccd", 0)
+    assert shaped["nfe"] == 3
