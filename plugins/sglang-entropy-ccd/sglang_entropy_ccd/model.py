@@ -9,7 +9,7 @@ answer tokens of one block is replaced by the mask token and the model predicts 
 clean context before the block and the unmasked rest of the block.
 
 Tokens are SmolLM2-135M-Instruct's (its tokenizer splits numbers into digits). SGLang fixes
-SDAR's mask id at 151669, so the checkpoint's vocabulary has 151670 rows; only the ~16 tokens
+SDAR's mask id at 151669, so the checkpoint's vocabulary has 151670 rows; only the 14 tokens
 the task uses are trained and every other row is zero, which gives those tokens a logit of 0.
 Training computes the softmax over the used rows plus one column holding the zero logits of all
 the others, which is exactly the full-vocabulary softmax SGLang computes.
@@ -83,7 +83,7 @@ class Trainer:
 
         self.config = config
         self.ids = task_tokens(tokenizer)
-        # compact vocabulary: the task's characters, EOS and the mask token
+        # compact vocabulary: the task's characters, EOS and the mask token (14 rows)
         self.used = sorted({*self.ids.values(), EOS_ID, SDAR_MASK_ID})
         self.compact = {tok: i for i, tok in enumerate(self.used)}
         self.model_config = Qwen3Config(
