@@ -1,6 +1,6 @@
 """A small block-diffusion LM for addition, trained here on CPU, in SGLang's ``SDARForCausalLM`` format.
 
-Nothing small ships a diffusion LM, so this module trains one: a 3-layer Qwen3-style transformer
+Nothing small ships a diffusion LM, so this module trains one: a 4-layer, 192-wide Qwen3-style transformer
 (transformers' ``Qwen3Model``) with SDAR's block-causal attention (bidirectional inside a block
 of ``block_size`` tokens, causal across blocks; the same grid SGLang's dLLM path uses), on
 ``a+b=`` with ``a``, ``b`` below 1000. The answer's digits are followed by ``<|im_end|>`` up to
@@ -10,7 +10,7 @@ clean context before the block and the unmasked rest of the block.
 
 Tokens are SmolLM2-135M-Instruct's (its tokenizer splits numbers into digits). SGLang fixes
 SDAR's mask id at 151669, so the checkpoint's vocabulary has 151670 rows; only the 14 tokens
-the task uses are trained and every other row is zero, which gives those tokens a logit of 0.
+the task uses are trained; every other row is zero, which gives those tokens a logit of 0.
 Training computes the softmax over the used rows plus one column holding the zero logits of all
 the others, which is exactly the full-vocabulary softmax SGLang computes.
 """
