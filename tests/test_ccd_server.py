@@ -113,3 +113,15 @@ def test_selecting_ccd_per_request_is_a_clear_400(ccd_server):
     assert response.status_code == 400
     assert "--dllm-algorithm CCD" in response.text
     assert _generate(ccd_server.url, "1+2=")["text"].strip() == "3"  # the server goes on
+
+
+def test_synchronous_schedule_gives_the_same_answers_and_follows_the_rule(dllm_model, ccd_server, tmp_path_factory):
+    """``--no-dllm-fdfo``: SGLang denoises each batch of blocks to the end in one call."""
+    problems = _problems(11, 8)
+    with _launch(dllm_model, "CCD", CCD_CONFIG, tmp_path_factory, ["--no-dllm-fdfo"]) as sync_server:
+        outputs = [_generate(sync_server.url, prompt, trace=True) for prompt, _ in problems]
+    for (prompt, _), out in zip(problems, outputs, strict=True):
+        for block in out["meta_info"]["entropy"]["events"]:
+            check_trace(block["trace"], CCD_CONFIG, BLOCK, MAX_STEPS)
+            assert block["nfe"] == len(block["trace"])
+        assert out["output_ids"] == _generate(ccd_server.url, prompt)["output_ids"]
