@@ -173,7 +173,9 @@ def test_a_failing_policy_finishes_the_block_and_is_reported():
         raise ZeroDivisionError("boom")
 
     algorithm.registry = SimpleNamespace(hook=SimpleNamespace(unmask_step=broken))
-    algorithm.step(batch, torch.randn(4, MASK + 1), states)
+    logits = torch.randn(4, MASK + 1, generator=torch.Generator().manual_seed(0))
+    logits[:, MASK] = -torch.inf  # a model never predicts the mask token
+    algorithm.step(batch, logits, states)
     assert MASK not in input_ids.tolist()
     assert isinstance(algorithm.failure, ZeroDivisionError)
 
