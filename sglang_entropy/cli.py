@@ -50,14 +50,11 @@ def cmd_plugins(args) -> int:
 def cmd_build_model(args) -> int:
     if args.diffusion:
         try:
-            from sglang_entropy_ccd.model import TrainConfig, build_model, default_model_dir
+            from sglang_entropy_ccd.model import TrainConfig, ensure_model
         except ImportError:
             print("--diffusion needs the CCD plugin: pip install plugins/sglang-entropy-ccd", file=sys.stderr)
             return 2
-        out = default_model_dir()
-        if args.force or not (out / "config.json").exists():
-            build_model(out, TrainConfig(steps=args.steps) if args.steps else TrainConfig())
-        print(out)
+        print(ensure_model(TrainConfig(steps=args.steps) if args.steps else TrainConfig(), force=args.force))
         return 0
     from sglang_entropy.model import build_default_model
 

@@ -64,7 +64,6 @@ class ResolvedRequest:
     confidence_k: int
     entropy_k: int
     window: int
-    dllm_trace: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,6 @@ class ServerSettings:
             confidence_k=confidence_k,
             entropy_k=entropy_k,
             window=window,
-            dllm_trace=request.dllm_trace,
         )
 
 

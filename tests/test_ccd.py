@@ -187,8 +187,9 @@ def test_a_request_cannot_select_a_diffusion_policy_per_request():
     settings_ = ServerSettings(enabled=True, allowed_policies=None, config=ServerSettings.from_env({}).config)
     with pytest.raises(EntropyRequestError, match="--dllm-algorithm CCD"):
         settings_.resolve({"entropy": {"policy": "ccd"}}, installed_policies())
-    resolved = settings_.resolve({"entropy": {"dllm_trace": True}}, installed_policies())
-    assert resolved.dllm_trace is True
+    assert settings_.resolve({"entropy": {"dllm_trace": True}}, installed_policies()) is not None
+    with pytest.raises(EntropyRequestError, match="dllm_trace"):
+        settings_.resolve({"entropy": {"dllm_trace": "all of it"}}, installed_policies())
 
 
 def test_block_events_count_forwards_across_first_done_first_out_calls():

@@ -254,9 +254,9 @@ def default_model_dir() -> Path:
     return cache_dir() / MODEL_DIR_NAME
 
 
-def ensure_model(progress=print) -> Path:
-    """The default diffusion model's folder, trained first if it is not there yet (about 15 min on 2 cores)."""
+def ensure_model(config: TrainConfig = TrainConfig(), force: bool = False, progress=print) -> Path:
+    """The default diffusion model's folder, trained first if it is not there yet (about 14 min on 2 cores)."""
     out = default_model_dir()
-    if not (out / "config.json").exists():
-        build_model(out, progress=progress)
+    if force or not (out / "config.json").exists():
+        build_model(out, config, progress=progress)
     return out
