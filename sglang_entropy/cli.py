@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -74,34 +75,31 @@ def cmd_bench(args) -> int:
     return run_overhead(args)
 
 
-def cmd_bench_prune(args) -> int:
-    try:
-        from sglang_entropy_prune.bench import run_prune
-    except ImportError:
-        print("bench prune needs the prune plugin: pip install plugins/sglang-entropy-prune", file=sys.stderr)
-        return 2
-    return run_prune(args)
+def plugin_bench(module: str, function: str, needs: str):
+    """A ``bench`` subcommand that lives in a policy plugin: a clear error when it is not installed."""
+
+    def run(args) -> int:
+        try:
+            bench = importlib.import_module(module)
+        except ImportError:
+            print(f"bench {args.bench} needs {needs}", file=sys.stderr)
+            return 2
+        return getattr(bench, function)(args)
+
+    return run
 
 
-def cmd_bench_branch(args) -> int:
-    try:
-        from sglang_entropy_branch.bench import run_branch
-    except ImportError:
-        print(
-            "bench branch needs the branch and prune plugins: pip install plugins/sglang-entropy-branch",
-            file=sys.stderr,
-        )
-        return 2
-    return run_branch(args)
-
-
-def cmd_bench_ccd(args) -> int:
-    try:
-        from sglang_entropy_ccd.bench import run_ccd
-    except ImportError:
-        print("bench ccd needs the CCD plugin: pip install plugins/sglang-entropy-ccd", file=sys.stderr)
-        return 2
-    return run_ccd(args)
+cmd_bench_prune = plugin_bench(
+    "sglang_entropy_prune.bench", "run_prune", "the prune plugin: pip install plugins/sglang-entropy-prune"
+)
+cmd_bench_branch = plugin_bench(
+    "sglang_entropy_branch.bench",
+    "run_branch",
+    "the branch and prune plugins: pip install plugins/sglang-entropy-branch",
+)
+cmd_bench_ccd = plugin_bench(
+    "sglang_entropy_ccd.bench", "run_ccd", "the CCD plugin: pip install plugins/sglang-entropy-ccd"
+)
 
 
 def main(argv=None) -> int:
