@@ -266,3 +266,31 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_kv_pool_builds_and_moves_without_triton():
+    """SGLang builds speculative KV pools with enable_kv_cache_copy=True, which warms up a
+    Triton copy kernel; the platform's pool moves KV with torch instead."""
+    from sglang_entropy.platform.kv_pool import PortableMHATokenToKVPool
+    from sglang_entropy.platform.portable_cpu import PortableCpuPlatform
+
+    assert PortableCpuPlatform().get_kv_pool_cls(kind="mha") is PortableMHATokenToKVPool
+    assert PortableCpuPlatform().get_kv_pool_cls(kind="mla") is None
+    pool = PortableMHATokenToKVPool(
+        size=16,
+        page_size=1,
+        dtype=torch.float32,
+        head_num=KV_HEADS,
+        head_dim=DIM,
+        layer_num=2,
+        device="cpu",
+        enable_memory_saver=False,
+        enable_kv_cache_copy=True,
+    )
+    for layer in range(2):
+        pool.get_key_buffer(layer).copy_(torch.randn(17, KV_HEADS, DIM))
+        pool.get_value_buffer(layer).copy_(torch.randn(17, KV_HEADS, DIM))
+    before = [pool.get_key_buffer(layer).clone() for layer in range(2)]
+    pool.move_kv_cache(torch.tensor([1, 2]), torch.tensor([5, 9]))
+    for layer in range(2):
+        assert torch.equal(pool.get_key_buffer(layer)[[1, 2]], before[layer][[5, 9]])

@@ -58,6 +58,13 @@ class PortableCpuPlatform(CpuDeviceMixin, SRTPlatform):
         register_attention_backend("torch_native")(PortableSpecAttnBackend)
         spec_kernels.install()
 
+    def get_kv_pool_cls(self, *, kind):
+        if kind != "mha":
+            return None
+        from sglang_entropy.platform.kv_pool import PortableMHATokenToKVPool
+
+        return PortableMHATokenToKVPool
+
     def supports_speculative_algorithm(self, algorithm: str) -> bool:
         return algorithm == SPECULATIVE_ALGORITHM
 
