@@ -38,11 +38,18 @@ def spec_args(model_path):
     ]
 
 
-def greedy(model_path, prompts, extra_args):
-    """Launch a server, generate greedily for all prompts in one batch, stop it."""
+def generate(server, prompts, temperature=0):
+    body = {"text": prompts, "sampling_params": {"temperature": temperature, "max_new_tokens": MAX_NEW_TOKENS}}
+    return requests.post(f"{server.url}/generate", json=body, timeout=900)
+
+
+def greedy(model_path, prompts, extra_args, sampled=None):
+    """Launch a server, generate greedily for all prompts in one batch, stop it. ``sampled``:
+    first send the prompts with temperature 0.7 and keep that response here."""
     with sglang_server.launch(model_path, enable_entropy=False, extra_args=COMMON_ARGS + extra_args) as server:
-        body = {"text": prompts, "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW_TOKENS}}
-        response = requests.post(f"{server.url}/generate", json=body, timeout=900)
+        if sampled is not None:
+            sampled.append(generate(server, prompts[:1], temperature=0.7))
+        response = generate(server, prompts)
         assert response.status_code == 200, f"{response.status_code}: {response.text}\n{server.log_tail()}"
         return response.json()
 
@@ -57,12 +64,13 @@ def outputs(model_path, tokenizer):
     ]
     # One server at a time: on a small CPU machine two would compete for the same cores.
     plain = greedy(model_path, prompts, [])
-    spec = greedy(model_path, prompts, spec_args(model_path))
-    return plain, spec
+    sampled = []
+    spec = greedy(model_path, prompts, spec_args(model_path), sampled)
+    return plain, spec, sampled[0]
 
 
 def test_speculative_greedy_output_equals_plain_decoding(outputs):
-    plain, spec = outputs
+    plain, spec, _ = outputs
     for p, s in zip(plain, spec, strict=True):
         assert s["meta_info"]["completion_tokens"] == p["meta_info"]["completion_tokens"]
         assert s["output_ids"] == p["output_ids"]
@@ -70,7 +78,7 @@ def test_speculative_greedy_output_equals_plain_decoding(outputs):
 
 
 def test_the_draft_model_gets_tokens_accepted(outputs):
-    _, spec = outputs
+    _, spec, _ = outputs
     for output in spec:
         meta = output["meta_info"]
         # spec_accept_length = completion_tokens / verify steps; the first token comes from the
@@ -79,3 +87,13 @@ def test_the_draft_model_gets_tokens_accepted(outputs):
         assert meta["spec_num_correct_drafts"] > 0, meta
         # A verify step commits at most its accepted drafts plus one target token.
         assert meta["completion_tokens"] <= 1 + meta["spec_verify_ct"] + meta["spec_num_correct_drafts"], meta
+
+
+def test_a_sampled_request_fails_alone_with_the_cause(outputs):
+    # Verification is greedy only on this platform; a sampled request used to crash the
+    # scheduler (SGLang's sampling verify calls CUDA kernels). The greedy batch after it ran
+    # on the same server (the fixture asserts its 200).
+    _, _, sampled = outputs
+    assert sampled.status_code == 400, sampled.text
+    message = sampled.json()["error"]["message"]
+    assert "verifies greedily only" in message and "temperature=0.7" in message, message

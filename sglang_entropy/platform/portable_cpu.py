@@ -50,13 +50,17 @@ class PortableCpuPlatform(CpuDeviceMixin, SRTPlatform):
         # SGLang calls this in every worker process when it imports the model runner, before
         # any attention backend or speculative worker is built.
         from sglang.srt.layers.attention.attention_registry import register_attention_backend
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-        from sglang_entropy.platform import spec_kernels
+        from sglang_entropy.platform import spec_kernels, spec_requests
         from sglang_entropy.platform.spec_attention import PortableSpecAttnBackend
 
         # Same as torch_native in every mode torch_native has, plus the speculative ones.
         register_attention_backend("torch_native")(PortableSpecAttnBackend)
         spec_kernels.install()
+        # Sampled requests on a speculative server fail alone instead of crashing the scheduler.
+        HookRegistry.register(*spec_requests.HOOK, HookType.AFTER)
+        HookRegistry.apply_hooks()
 
     def get_kv_pool_cls(self, *, kind):
         if kind != "mha":
