@@ -107,9 +107,10 @@ class ServerSettings:
     ) -> ResolvedRequest | None:
         """Validate one request's ``custom_params``; ``None`` when it asks for nothing.
 
-        ``n`` (the request's number of samples) and its sampling ``temperature`` (None where
-        unknown) reach the policy's validators as ``info.context``: a group policy may accept
-        some parameters only for groups, a branching policy may require sampling."""
+        ``n`` (the request's number of samples), its sampling ``temperature`` (None where
+        unknown) and the server's ``num_drafters`` reach the policy's validators as
+        ``info.context``: a group policy may accept some parameters only for groups, a branching
+        policy may require sampling, a routing policy may check a drafter index."""
         if raw is None:
             return None
         if not isinstance(raw, dict):
@@ -146,7 +147,8 @@ class ServerSettings:
                 )
             merged = {**self.config.policies.get(request.policy, {}), **request.params}
             try:
-                params = spec.params.model_validate(merged, context={"n": n, "temperature": temperature})
+                context = {"n": n, "temperature": temperature, "num_drafters": len(self.drafters)}
+                params = spec.params.model_validate(merged, context=context)
             except ValidationError as e:
                 raise EntropyRequestError(_describe(e, f"{prefix}.params")) from None
         elif request.params:

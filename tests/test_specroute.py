@@ -123,3 +123,64 @@ def test_params_are_validated():
 
 def test_other_policies_are_not_answered():
     assert taps.route_drafts(policy="deepconf", proposals=proposals_with(LOGPROBS, [{}, {}])) is None
+
+
+def test_a_drafter_index_is_checked_against_the_server():
+    with pytest.raises(ValueError, match="drafter 2 does not exist: the server has 2 drafters"):
+        taps.TapsParams.model_validate({"drafter": 2}, context={"num_drafters": 2})
+    assert taps.TapsParams.model_validate({"drafter": 1}, context={"num_drafters": 2}).drafter == 1
+
+
+def resolve_on_server(raw, drafters=""):
+    from sglang_entropy.registry import installed_policies
+    from sglang_entropy.settings import ServerSettings
+
+    env = {"SGLANG_ENTROPY_ENABLE": "1", "SGLANG_ENTROPY_DRAFTERS": drafters}
+    return ServerSettings.from_env(env).resolve({"entropy": raw}, installed_policies())
+
+
+def test_requests_for_taps_are_validated_against_the_server():
+    from sglang_entropy.settings import EntropyRequestError
+
+    with pytest.raises(EntropyRequestError, match="--entropy-drafters"):
+        resolve_on_server({"policy": "taps"})
+    with pytest.raises(EntropyRequestError, match=r"params.*drafter 2 does not exist"):
+        resolve_on_server({"policy": "taps", "params": {"drafter": 2}}, drafters="a,b")
+    resolved = resolve_on_server({"policy": "taps", "params": {"granularity": "request"}}, drafters="a,b")
+    assert resolved.policy == "taps" and resolved.params.granularity == "request"
+
+
+def fake_req(custom=None, output_len=3):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        sampling_params=SimpleNamespace(custom_params=custom), customized_info=None, output_ids=[0] * output_len
+    )
+
+
+def test_the_router_routes_each_request_by_its_parameters_and_records_events(monkeypatch):
+    from sglang_entropy.adapter.runtime import EVENTS_KEY
+    from sglang_entropy.adapter.speculative import Router
+
+    monkeypatch.setenv("SGLANG_ENTROPY_DRAFTERS", "a,b")
+    router = Router(("a", "b"))
+    reqs = [
+        fake_req(),  # no policy: taps' defaults
+        fake_req({"entropy": {"policy": "taps", "params": {"granularity": "request"}}}, output_len=5),
+        fake_req({"entropy": {"policy": "taps", "params": {"drafter": 0}}}),
+    ]
+    # Row 0 and 1: drafter 1 is surer; row 2 is forced to drafter 0.
+    logprobs = torch.tensor([[[-2.0, -2.0]] * 3, [[-0.1, -0.2]] * 3])
+    decision = router.route(reqs, torch.zeros(2, 3, 2, dtype=torch.int64), logprobs)
+    assert decision.drafter.tolist() == [1, 1, 0]
+    router.record(reqs, decision, torch.tensor([2, 1, 3]))
+    event = reqs[1].customized_info[EVENTS_KEY][5][0]
+    assert reqs[1].customized_info[EVENTS_KEY][:5] == [None] * 5  # on the step's first new token
+    assert event["kind"] == "route" and event["drafter"] == 1 and event["drafter_name"] == "b"
+    assert event["accepted"] == 1 and event["confidences"] == pytest.approx(
+        [math.exp(-2), (math.exp(-0.1) + math.exp(-0.2)) / 2]
+    )
+    assert reqs[0].customized_info[EVENTS_KEY][3][0]["policy"] == "taps"
+    # Next step drafter 0 is surer everywhere: the per-request row keeps drafter 1.
+    swapped = logprobs.flip(0)
+    assert router.route(reqs, torch.zeros(2, 3, 2, dtype=torch.int64), swapped).drafter.tolist() == [0, 1, 0]

@@ -80,11 +80,7 @@ class Router:
             params = self.registry.get(policy).spec.params()
         else:
             params = resolved.params
-        encoded = encode_params(params)
-        forced = encoded.get("drafter", -1)
-        if isinstance(forced, int) and forced >= len(self.drafter_names):
-            raise ValueError(f"drafter {forced} does not exist: the server has {len(self.drafter_names)} drafters")
-        state = RouteState(policy, encoded)
+        state = RouteState(policy, encode_params(params))
         setattr(req, ROUTE_ATTR, state)
         req.customized_info = req.customized_info or {}
         req.customized_info.setdefault(EVENTS_KEY, [])
@@ -123,7 +119,9 @@ class Router:
         drafters = decision.drafter.tolist()
         confidences = decision.confidence.T.tolist()
         for req, drafter, conf, accepted in zip(reqs, drafters, confidences, accept_lens.tolist(), strict=True):
-            state = getattr(req, ROUTE_ATTR)
+            state = getattr(req, ROUTE_ATTR, None)
+            if state is None:  # routing failed before this request was resolved (it is aborted)
+                continue
             state.previous = drafter
             event = {
                 "kind": "route",

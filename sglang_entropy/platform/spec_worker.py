@@ -10,6 +10,7 @@ extend run on the draft runner's own backend (the portable CPU platform makes th
 from __future__ import annotations
 
 import copy
+import logging
 import os
 
 import torch
@@ -20,6 +21,8 @@ from sglang.srt.speculative.standalone_worker_v2 import StandaloneDraftWorker, S
 from sglang_entropy.platform.spec_attention import PortableMultiStepDraftBackend
 from sglang_entropy.settings import ENV_DRAFTERS, parse_drafters
 from sglang_entropy.types import RouteDecision
+
+logger = logging.getLogger(__name__)
 
 
 class PortableStandaloneDraftWorker(StandaloneDraftWorker):
@@ -190,12 +193,30 @@ class DrafterGroup:
         # draft_token per row: the last committed token, then the chain.
         tokens = torch.stack([v.draft_token.view(bs, -1) for v, _ in results])  # [D, B, 1 + N]
         logprobs = torch.stack([lp for _, lp in results])  # [D, B, N]
-        decision = self.router.route(batch.reqs, tokens[:, :, 1:], logprobs)
+        try:
+            decision = self.router.route(batch.reqs, tokens[:, :, 1:], logprobs)
+        except Exception as e:  # the batch's requests fail with the cause; the server goes on
+            decision = self._failed(batch.reqs, e, logprobs)
         self.pending = decision
         verify_input = results[-1][0]
         chosen = tokens.gather(0, decision.drafter.view(1, bs, 1).expand(1, bs, tokens.shape[2]))[0]
         verify_input.draft_token = chosen.reshape(-1)
         return verify_input
+
+    @staticmethod
+    def _failed(reqs, error, logprobs) -> RouteDecision:
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+        logger.exception("routing speculative drafts failed")
+        message = f"sglang-entropy: routing speculative drafts failed: {type(error).__name__}: {error}"
+        for req in reqs:
+            req.to_finish = FINISH_ABORT(message, status_code=500)
+        # Drafter 0's chain is verified this once; the requests end after this step.
+        bs = logprobs.shape[1]
+        return RouteDecision(
+            drafter=torch.zeros(bs, dtype=torch.int64, device=logprobs.device),
+            confidence=torch.full(logprobs.shape[:2], float("nan"), device=logprobs.device),
+        )
 
     def _draft_extend_for_decode(self, batch, batch_result, **kwargs):
         def run(d, drafter):

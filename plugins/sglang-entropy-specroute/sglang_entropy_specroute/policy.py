@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from sglang_entropy import hookimpl
 from sglang_entropy.types import DraftProposals, PolicySpec, RouteDecision
@@ -32,6 +32,13 @@ class TapsParams(BaseModel):
         "token", description="token: mean of exp(log-prob) per drafted token; path: mean of exp(cumulative log-prob)"
     )
     drafter: int | None = Field(None, ge=0, description="always route to this drafter (benchmarks); None: choose")
+
+    @model_validator(mode="after")
+    def _drafter_exists(self, info: ValidationInfo):
+        num_drafters = (info.context or {}).get("num_drafters")
+        if self.drafter is not None and num_drafters is not None and self.drafter >= num_drafters:
+            raise ValueError(f"drafter {self.drafter} does not exist: the server has {num_drafters} drafters")
+        return self
 
 
 def draft_confidence(proposals: DraftProposals, path: torch.Tensor) -> torch.Tensor:
@@ -60,7 +67,7 @@ def _tree_cumulative(logprobs: torch.Tensor, parents: torch.Tensor) -> torch.Ten
 def route(proposals: DraftProposals) -> RouteDecision:
     """The drafter for every row [B] and the confidences [D, B] it was chosen by."""
     params = proposals.params
-    num_drafters, batch = proposals.logprobs.shape[:2]
+    batch = proposals.logprobs.shape[1]
     device = proposals.logprobs.device
     path = params.get("confidence", torch.zeros(batch, dtype=torch.int64, device=device)) == CONFIDENCES.index("path")
     confidence = draft_confidence(proposals, path)
@@ -69,7 +76,7 @@ def route(proposals: DraftProposals) -> RouteDecision:
     previous = proposals.previous if proposals.previous is not None else torch.full_like(chosen, -1)
     chosen = torch.where(keep & (previous >= 0), previous, chosen)
     forced = params.get("drafter", torch.full_like(chosen, -1))
-    chosen = torch.where(forced >= 0, forced.clamp(max=num_drafters - 1), chosen)
+    chosen = torch.where(forced >= 0, forced, chosen)  # validated against the server's drafters
     return RouteDecision(drafter=chosen, confidence=confidence)
 
 
