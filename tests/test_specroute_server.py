@@ -124,3 +124,13 @@ def test_acceptance_length_is_reported_and_agrees_with_sglang(outputs):
         committed = sum(e["accepted"] for e in events)
         assert committed + 1 - 4 < meta["completion_tokens"] <= committed + 1, meta
         assert meta["spec_accept_length"] == pytest.approx(meta["completion_tokens"] / len(events))
+
+
+def test_only_the_chosen_chain_is_verified(outputs):
+    # Drafter A is the target itself: its chains are mostly accepted (and keep being so after
+    # steps routed to B, which needs its KV kept in step); the 2-layer B's almost never are.
+    _, routed = outputs
+    on_a = [e["accepted"] for e in routes(routed[0]) if e["drafter"] == 0]
+    assert on_a and sum(on_a) / len(on_a) > 2, on_a
+    forced_b = [e["accepted"] for e in routes(routed[2])]
+    assert sum(forced_b) / len(forced_b) < 1.5, forced_b
