@@ -142,6 +142,7 @@ def route_drafts(policy, proposals):
     """Pick, for every sequence, the drafter whose proposal goes to the target for verification.
 
     Called at every speculative step with ``DraftProposals`` ([D, B, N] tokens and draft
-    log-probabilities of D drafters). Returns a [B] int64 device tensor of drafter indices
-    (and may be asked per request instead of per step, as its parameters say).
+    log-probabilities of D drafters, the rows' parameters and previous choices). Policies are
+    registered with ``family="speculative"``. Returns a ``RouteDecision``: [B] int64 drafter
+    indices and optionally the [D, B] confidences they were chosen by. Device code only.
     """

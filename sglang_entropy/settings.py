@@ -17,6 +17,8 @@ from sglang_entropy.signals import MAX_TOP_K, SIGNAL_NAMES
 ENV_ENABLE = "SGLANG_ENTROPY_ENABLE"
 ENV_POLICIES = "SGLANG_ENTROPY_POLICIES"
 ENV_CONFIG = "SGLANG_ENTROPY_CONFIG"
+ENV_DRAFTERS = "SGLANG_ENTROPY_DRAFTERS"  # comma-separated drafter model paths (--entropy-drafters)
+DEFAULT_ROUTING_POLICY = "taps"  # routes the requests of a drafter server that name no policy
 REQUEST_KEY = "entropy"  # sampling_params.custom_params["entropy"]
 
 SignalName = Literal["entropy", "topk_entropy", "confidence", "margin", "varentropy", "group_confidence"]
@@ -52,6 +54,10 @@ class EntropyRequest(BaseModel):
     dllm_trace: bool = Field(False, description="diffusion LMs: return every denoising step's decisions")
 
 
+def parse_drafters(value: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip())
+
+
 class EntropyRequestError(ValueError):
     """A request's entropy options are invalid; the message names the field."""
 
@@ -71,6 +77,7 @@ class ServerSettings:
     enabled: bool
     allowed_policies: tuple[str, ...] | None  # None: every installed policy
     config: ServerConfig
+    drafters: tuple[str, ...] = ()  # speculative drafter models (--entropy-drafters)
 
     @classmethod
     def from_env(cls, environ=os.environ) -> "ServerSettings":
@@ -81,6 +88,7 @@ class ServerSettings:
             enabled=enabled,
             allowed_policies=tuple(n.strip() for n in allowed.split(",") if n.strip()) if allowed else None,
             config=load_config(config_path) if config_path else ServerConfig(),
+            drafters=parse_drafters(environ.get(ENV_DRAFTERS, "")),
         )
 
     def enabled_policies(self, registry: PolicyRegistry) -> list[str]:
@@ -98,9 +106,10 @@ class ServerSettings:
     ) -> ResolvedRequest | None:
         """Validate one request's ``custom_params``; ``None`` when it asks for nothing.
 
-        ``n`` (the request's number of samples) and its sampling ``temperature`` (None where
-        unknown) reach the policy's validators as ``info.context``: a group policy may accept
-        some parameters only for groups, a branching policy may require sampling."""
+        ``n`` (the request's number of samples), its sampling ``temperature`` (None where
+        unknown) and the server's ``num_drafters`` reach the policy's validators as
+        ``info.context``: a group policy may accept some parameters only for groups, a branching
+        policy may require sampling, a routing policy may check a drafter index."""
         if raw is None:
             return None
         if not isinstance(raw, dict):
@@ -130,9 +139,15 @@ class ServerSettings:
                     f"{prefix}.policy: {request.policy!r} is a diffusion unmasking policy; the server runs it for "
                     f"every request when launched with --dllm-algorithm {spec.dllm_algorithm}"
                 )
+            if spec.family == "speculative" and len(self.drafters) < 2:
+                raise EntropyRequestError(
+                    f"{prefix}.policy: {request.policy!r} routes speculative drafts; it needs a server launched "
+                    "with --entropy-drafters PATH,PATH (two or more drafter models)"
+                )
             merged = {**self.config.policies.get(request.policy, {}), **request.params}
             try:
-                params = spec.params.model_validate(merged, context={"n": n, "temperature": temperature})
+                context = {"n": n, "temperature": temperature, "num_drafters": len(self.drafters)}
+                params = spec.params.model_validate(merged, context=context)
             except ValidationError as e:
                 raise EntropyRequestError(_describe(e, f"{prefix}.params")) from None
         elif request.params:

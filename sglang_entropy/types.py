@@ -163,9 +163,26 @@ class UnmaskDecision:
 
 @dataclass
 class DraftProposals:
-    """The drafts of every drafter for one speculative step."""
+    """The drafts of every drafter for one speculative step.
+
+    ``params``: the policy's parameters, one [B] device tensor per field: numbers as they are
+    (an optional int that is None is -1, an optional float NaN), a ``Literal`` of strings as
+    the index of the value among the Literal's choices. ``previous``: the drafter chosen for
+    each row at its request's previous step, -1 at its first.
+    """
 
     tokens: torch.Tensor  # [D, B, N] drafted token ids (chains: N steps; trees: N nodes)
     logprobs: torch.Tensor  # [D, B, N] draft log-probability of each drafted token
-    parents: torch.Tensor | None = None  # [D, B, N] parent node per tree node; None for chains
+    parents: torch.Tensor | None = None  # [D, B, N] parent node per tree node (-1: root); None for chains
     drafter_names: tuple[str, ...] = ()
+    params: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    previous: torch.Tensor | None = None  # [B] int64
+
+
+@dataclass
+class RouteDecision:
+    """Which drafter's proposal the target verifies, per row, and the scores it was chosen by
+    (reported to the client with every step)."""
+
+    drafter: torch.Tensor  # [B] int64
+    confidence: torch.Tensor | None = None  # [D, B] float

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from sglang_entropy.settings import ENV_CONFIG, ENV_POLICIES, load_config
+from sglang_entropy.settings import ENV_CONFIG, ENV_DRAFTERS, ENV_POLICIES, load_config, parse_drafters
 
 
 class _EnableAction(argparse.Action):
@@ -31,6 +31,18 @@ class _EnvAction(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+class _DraftersAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        from sglang_entropy.adapter import activate
+
+        drafters = parse_drafters(values)
+        if len(drafters) < 2:
+            parser.error(f"--entropy-drafters needs two or more comma-separated model paths (got {values!r})")
+        os.environ[ENV_DRAFTERS] = ",".join(drafters)
+        setattr(namespace, self.dest, values)
+        activate()  # the routing policies and their per-step events live in the adapter
+
+
 def add_flags(result, parser: argparse.ArgumentParser):
     group = parser.add_argument_group("sglang-entropy (uncertainty-aware decoding policies)")
     group.add_argument(
@@ -50,5 +62,12 @@ def add_flags(result, parser: argparse.ArgumentParser):
         action=_EnvAction,
         metavar="FILE",
         help="JSON or TOML file with signal settings and default parameters per policy (env: SGLANG_ENTROPY_CONFIG).",
+    )
+    group.add_argument(
+        "--entropy-drafters",
+        action=_DraftersAction,
+        metavar="PATH,PATH[,PATH]",
+        help="Drafter models for STANDALONE speculative decoding; a routing policy picks one per request and step "
+        "(the first must equal --speculative-draft-model-path; env: SGLANG_ENTROPY_DRAFTERS).",
     )
     return result

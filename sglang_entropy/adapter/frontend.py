@@ -15,12 +15,16 @@ from sglang.srt.plugins.hook_registry import HookType
 from sglang_entropy.adapter import branching, dllm, groups
 from sglang_entropy.adapter.runtime import EVENTS_KEY, SIGNAL_KEY
 from sglang_entropy.registry import installed_policies
-from sglang_entropy.settings import EntropyRequestError, ResolvedRequest, ServerSettings
+from sglang_entropy.settings import DEFAULT_ROUTING_POLICY, EntropyRequestError, ResolvedRequest, ServerSettings
 
 
 @functools.cache
 def _settings() -> ServerSettings:
     return ServerSettings.from_env()
+
+
+def _is_routing_policy(policy: str | None) -> bool:
+    return policy is not None and installed_policies().get(policy).spec.family == "speculative"
 
 
 def resolve_all(sampling_params) -> list[ResolvedRequest | None]:
@@ -51,6 +55,9 @@ def entropy_field(meta_info: dict, policy: str | None, offset: int) -> tuple[dic
     events = [event for token_events in per_token_events if token_events for event in token_events]
     end = offset + max([len(v) for v in signals.values()] + [len(per_token_events)])
     shaped = {"policy": policy, "signals": signals, "events": events}
+    routes = [e for e in events if e.get("kind") == "route"]
+    if routes:  # speculative decoding: mean tokens committed per verify step (bonus included)
+        shaped["acceptance_length"] = sum(e["accepted"] for e in routes) / len(routes)
     blocks = [e for e in events if e.get("kind") == "block"]
     if blocks:  # a diffusion LM: forward passes of these tokens' blocks, prompt-only blocks included
         shaped["nfe"] = sum(e["nfe"] + e.get("prompt_nfe", 0) for e in blocks)
@@ -84,7 +91,8 @@ def generate_request(original, tokenizer_manager, obj, request=None):
             async for out in groups.run(original, tokenizer_manager, obj, request, resolved[0]):
                 yield out
             return
-        if not any(resolved) and tokenizer_manager.server_args.dllm_algorithm is None:
+        routed = bool(_settings().drafters)  # every request of a drafter server is routed
+        if not any(resolved) and tokenizer_manager.server_args.dllm_algorithm is None and not routed:
             async for out in original(tokenizer_manager, obj, request):
                 yield out
             return
@@ -97,6 +105,8 @@ def generate_request(original, tokenizer_manager, obj, request=None):
                 policy = request_options.policy if request_options else None
                 if policy is None and tokenizer_manager.server_args.dllm_algorithm is not None:
                     policy = dllm.dllm_policies().get(tokenizer_manager.server_args.dllm_algorithm)
+                if routed and not _is_routing_policy(policy):
+                    policy = DEFAULT_ROUTING_POLICY
                 shaped = entropy_field(item.get("meta_info", {}), policy, offsets.get(index, 0))
                 if shaped is not None:
                     item["meta_info"]["entropy"], end = shaped

@@ -146,8 +146,8 @@ class EntropyRuntime:
         except ValueError:  # the tokenizer manager validated it; this only guards direct scheduler use
             logger.exception("request %s: invalid entropy options, ignored", req.rid)
             return
-        if resolved is None:
-            return
+        if resolved is None or (resolved.policy is not None and resolved.policy not in self.policies):
+            return  # nothing asked, or a policy of another path (speculative routing: adapter.speculative)
         slot = req.kv.req_pool_idx
         self.active[slot] = True
         self.prompt_len[slot] = len(req.origin_input_ids)

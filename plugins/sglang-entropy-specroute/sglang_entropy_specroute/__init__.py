@@ -1,0 +1,1 @@
+"""sglang-entropy-specroute: route speculative drafts by draft confidence (TAPS)."""

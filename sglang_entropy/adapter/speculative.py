@@ -1,0 +1,134 @@
+"""Routing speculative drafts: the adapter side of ``route_drafts``.
+
+The portable platform's multi-drafter worker (``sglang_entropy.platform.spec_worker``) drafts
+with every drafter and hands the proposals here. This module resolves each request's routing
+policy and parameters (once per request), calls the policy's hook on device tensors, and after
+verification records one ``route`` event per request and step, at the output index of the
+step's first new token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import typing
+from dataclasses import dataclass
+
+import torch
+
+from sglang_entropy.adapter.runtime import EVENTS_KEY, _put
+from sglang_entropy.registry import PolicyRegistry, installed_policies
+from sglang_entropy.settings import DEFAULT_ROUTING_POLICY, ServerSettings
+from sglang_entropy.types import DraftProposals, RouteDecision
+
+logger = logging.getLogger(__name__)
+
+ROUTE_ATTR = "entropy_route"  # a Req attribute: the request's routing state, gone with the request
+
+
+@dataclass
+class RouteState:
+    policy: str
+    params: dict[str, float | int]  # numeric encoding of the parameters (see encode_params)
+    previous: int = -1  # drafter chosen at the previous step
+
+
+def encode_params(params) -> dict[str, float | int]:
+    """A policy's pydantic parameters as numbers: a Literal of strings becomes the index of the
+    value among its choices, None -1 (int fields) or NaN (float fields)."""
+    encoded = {}
+    for name, info in type(params).model_fields.items():
+        value = getattr(params, name)
+        annotation = info.annotation
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) is typing.Literal:
+            encoded[name] = args.index(value)
+        elif isinstance(value, bool | int | float):
+            encoded[name] = value
+        elif value is None and int in args:
+            encoded[name] = -1
+        elif value is None and float in args:
+            encoded[name] = math.nan
+    return encoded
+
+
+class Router:
+    def __init__(self, drafter_names: tuple[str, ...], registry: PolicyRegistry | None = None):
+        self.registry = registry or installed_policies()
+        self.settings = ServerSettings.from_env()
+        self.drafter_names = drafter_names
+        speculative = [p.spec.name for p in self.registry if p.spec.family == "speculative"]
+        if DEFAULT_ROUTING_POLICY in speculative:
+            self.default_policy = DEFAULT_ROUTING_POLICY
+        elif len(speculative) == 1:
+            self.default_policy = speculative[0]
+        else:
+            raise ValueError(
+                f"--entropy-drafters needs a routing policy (family 'speculative'); installed: {speculative or 'none'}"
+                " (pip install plugins/sglang-entropy-specroute for 'taps')"
+            )
+
+    def _state(self, req) -> RouteState:
+        state = getattr(req, ROUTE_ATTR, None)
+        if state is not None:
+            return state
+        resolved = self.settings.resolve(req.sampling_params.custom_params, self.registry)
+        policy = resolved.policy if resolved is not None else None
+        if policy is None or self.registry.get(policy).spec.family != "speculative":
+            # The frontend validated the request; a decode policy does not route drafts.
+            policy = self.default_policy
+            params = self.registry.get(policy).spec.params()
+        else:
+            params = resolved.params
+        state = RouteState(policy, encode_params(params))
+        setattr(req, ROUTE_ATTR, state)
+        req.customized_info = req.customized_info or {}
+        req.customized_info.setdefault(EVENTS_KEY, [])
+        return state
+
+    def route(self, reqs, tokens: torch.Tensor, logprobs: torch.Tensor) -> RouteDecision:
+        """Choose a drafter per row of ``reqs``; ``tokens``/``logprobs`` are [D, B, N]."""
+        states = [self._state(req) for req in reqs]
+        device = tokens.device
+        chosen = torch.zeros(len(reqs), dtype=torch.int64, device=device)
+        confidence = torch.full(logprobs.shape[:2], math.nan, device=device)
+        for policy in dict.fromkeys(s.policy for s in states):
+            rows = [i for i, s in enumerate(states) if s.policy == policy]
+            index = torch.tensor(rows, dtype=torch.int64, device=device)
+            names = sorted({k for i in rows for k in states[i].params})
+            proposals = DraftProposals(
+                tokens=tokens[:, index],
+                logprobs=logprobs[:, index],
+                drafter_names=self.drafter_names,
+                params={k: torch.tensor([states[i].params[k] for i in rows], device=device) for k in names},
+                previous=torch.tensor([states[i].previous for i in rows], dtype=torch.int64, device=device),
+            )
+            decision = self.registry.hook.route_drafts(policy=policy, proposals=proposals)
+            if not isinstance(decision, RouteDecision):
+                raise TypeError(
+                    f"policy {policy!r}: route_drafts returned {type(decision).__name__}, not RouteDecision"
+                )
+            chosen[index] = decision.drafter.long()
+            if decision.confidence is not None:
+                confidence[:, index] = decision.confidence.float()
+        return RouteDecision(drafter=chosen, confidence=confidence)
+
+    def record(self, reqs, decision: RouteDecision, accept_lens: torch.Tensor) -> None:
+        """After verification (host): one route event per request, on the step's first new token.
+        ``accept_lens``: tokens the step commits per row, the target's bonus token included."""
+        drafters = decision.drafter.tolist()
+        confidences = decision.confidence.T.tolist()
+        for req, drafter, conf, accepted in zip(reqs, drafters, confidences, accept_lens.tolist(), strict=True):
+            state = getattr(req, ROUTE_ATTR, None)
+            if state is None:  # routing failed before this request was resolved (it is aborted)
+                continue
+            state.previous = drafter
+            event = {
+                "kind": "route",
+                "policy": state.policy,
+                "drafter": drafter,
+                "drafter_name": self.drafter_names[drafter],
+                "confidences": [None if math.isnan(c) else c for c in conf],
+                "accepted": accepted,
+            }
+            _put(req.customized_info[EVENTS_KEY], len(req.output_ids), [event])
