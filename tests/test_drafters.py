@@ -132,6 +132,9 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
     assert rates[-1] == pytest.approx(1e-4, rel=0.01)
+    # a short run warms up over a tenth of its steps, not the configured 10
+    short = drafters.BuildConfig(steps=20, warmup=10, lr=1e-3)
+    assert drafters._lr_at(1, short) == pytest.approx(1e-3)
 
 
 def test_tiny_build_saves_drafters_that_transformers_loads(model_path, tmp_path, monkeypatch):

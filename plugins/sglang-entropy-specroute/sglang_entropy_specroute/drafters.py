@@ -418,10 +418,12 @@ def default_drafters_dir() -> Path:
 
 
 def _lr_at(step: int, config: BuildConfig) -> float:
-    # linear warm-up, then cosine decay to a tenth: short runs still end at a low rate
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    # linear warm-up (at most a tenth of the run, so short runs still reach the peak rate), then
+    # cosine decay to a tenth of the peak
+    warmup = max(1, min(config.warmup, config.steps // 10))
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, config.steps - warmup)
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
