@@ -100,6 +100,11 @@ cmd_bench_branch = plugin_bench(
 cmd_bench_ccd = plugin_bench(
     "sglang_entropy_ccd.bench", "run_ccd", "the CCD plugin: pip install plugins/sglang-entropy-ccd"
 )
+cmd_bench_taps = plugin_bench(
+    "sglang_entropy_specroute.bench",
+    "run_taps",
+    "the speculative routing plugin: pip install plugins/sglang-entropy-specroute",
+)
 
 
 def main(argv=None) -> int:
@@ -183,6 +188,22 @@ def main(argv=None) -> int:
     c.add_argument("--seed", type=int, default=7, help="which questions (training used seed 0)")
     c.add_argument("--out", default="examples/results/ccd_addition")
     c.set_defaults(func=cmd_bench_ccd)
+
+    t = bench.add_parser(
+        "taps", help="speculative decoding: each drafter alone vs confidence routing: acceptance, tokens/s, shares"
+    )
+    t.add_argument(
+        "--urls", help="servers in arm order: target alone, each drafter alone, routing (default: launch them)"
+    )
+    t.add_argument("--model-path", help="target model (default: the embedded SmolLM2-135M-Instruct)")
+    t.add_argument("--drafters", help="comma-separated drafter folders (default: the built math and chat drafters)")
+    t.add_argument("--prompts", type=int, default=20, help="held-out prompts per domain (math, chat)")
+    t.add_argument("--max-new-tokens", type=int, default=128)
+    t.add_argument("--num-steps", type=int, default=3, help="draft tokens per speculative step (chains)")
+    t.add_argument("--confidence", choices=("token", "path"), default="token", help="taps' draft confidence")
+    t.add_argument("--dtype", default="float32")
+    t.add_argument("--out", default="examples/results/taps")
+    t.set_defaults(func=cmd_bench_taps)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -2,16 +2,11 @@
 and a tiny end-to-end build whose drafters transformers loads with the target's vocabulary."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from sglang_entropy_specroute import drafters
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-# the specroute plugin is not installed in the shared virtualenv yet: import it from the tree
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "sglang-entropy-specroute"))
-from sglang_entropy_specroute import drafters  # noqa: E402
 
 
 def tiny_target(layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
@@ -99,7 +94,7 @@ def test_the_training_loss_is_cross_entropy_on_response_tokens_only():
     batch = drafters.collate([drafters.response_example(p, r, 64) for p, r in records], pad_id=0)
     assert batch["attention_mask"].sum().item() == 5 + 6
     with torch.no_grad():
-        loss = model(**batch).loss
+        loss = drafters.response_loss(model, batch)
         terms = []
         for prompt, response in records:
             logits = model(input_ids=torch.tensor([prompt + response])).logits[0]
@@ -107,6 +102,7 @@ def test_the_training_loss_is_cross_entropy_on_response_tokens_only():
                 position = len(prompt) + j - 1  # the logits that predict response[j]
                 terms.append(torch.nn.functional.cross_entropy(logits[position : position + 1], torch.tensor([token])))
     torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-5, atol=1e-6)  # what HF's own loss gives
 
 
 def greedy_record(model, prompt: list[int], length: int) -> dict:

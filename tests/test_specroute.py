@@ -6,10 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sglang_entropy_specroute import policy as taps
 
 from sglang_entropy.types import DraftProposals, RouteDecision
-
-taps = pytest.importorskip("sglang_entropy_specroute.policy", reason="sglang-entropy-specroute is not installed")
 
 
 def encode(rows: list[dict]) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ import requests
 
 from sglang_entropy import server as sglang_server
 
-pytest.importorskip("sglang_entropy_specroute", reason="sglang-entropy-specroute is not installed")
 pytestmark = pytest.mark.server
 
 QUESTIONS = ["What is 7 times 8?", "Write a short poem about autumn leaves.", "Explain what a prime number is."]

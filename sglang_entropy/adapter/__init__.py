@@ -36,13 +36,14 @@ def activate() -> None:
     _activated = True
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    from sglang_entropy.adapter import branching, dllm, frontend, scheduler
+    from sglang_entropy.adapter import branching, dllm, frontend, scheduler, speculative
 
     for target, hook, hook_type in (
         *scheduler.HOOKS,
         *frontend.HOOKS,
         *branching.HOOKS,
         *dllm.HOOKS,
+        *speculative.HOOKS,
         dllm.ALGORITHM_HOOK,
     ):
         HookRegistry.register(target, hook, hook_type)

@@ -4,7 +4,7 @@ The portable platform's multi-drafter worker (``sglang_entropy.platform.spec_wor
 with every drafter and hands the proposals here. This module resolves each request's routing
 policy and parameters (once per request), calls the policy's hook on device tensors, and after
 verification records one ``route`` event per request and step, at the output index of the
-step's first new token.
+step's first new token, when SGLang processes the step's results.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass
 
 import torch
+from sglang.srt.plugins.hook_registry import HookType
 
 from sglang_entropy.adapter.runtime import EVENTS_KEY, _put
 from sglang_entropy.registry import PolicyRegistry, installed_policies
@@ -24,6 +25,7 @@ from sglang_entropy.types import DraftProposals, RouteDecision
 logger = logging.getLogger(__name__)
 
 ROUTE_ATTR = "entropy_route"  # a Req attribute: the request's routing state, gone with the request
+DECISION_ATTR = "entropy_route_decision"  # a step result's attribute: (router, RouteDecision)
 
 
 @dataclass
@@ -132,3 +134,26 @@ class Router:
                 "accepted": accepted,
             }
             _put(req.customized_info[EVENTS_KEY], len(req.output_ids), [event])
+
+
+def record_routes(processor, batch, result):
+    """BEFORE SGLang's ``process_batch_result_decode``: the step's route events. The worker left
+    its decision on the result; SGLang waits for the result's host copy first thing in that
+    function, so waiting here first costs nothing more."""
+    route = getattr(result, DECISION_ATTR, None)
+    if route is None:
+        return
+    if result.copy_done is not None:
+        result.copy_done.synchronize()
+    router, decision = route
+    router.record(batch.reqs, decision, result.accept_lens)
+
+
+HOOKS = (
+    (
+        "sglang.srt.managers.scheduler_components.batch_result_processor."
+        "SchedulerBatchResultProcessor.process_batch_result_decode",
+        record_routes,
+        HookType.BEFORE,
+    ),
+)

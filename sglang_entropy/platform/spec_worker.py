@@ -18,6 +18,7 @@ from sglang.srt.runtime_context import get_schedule, get_spec
 from sglang.srt.speculative.eagle_utils import default_tree_mask_mode
 from sglang.srt.speculative.standalone_worker_v2 import StandaloneDraftWorker, StandaloneWorkerV2
 
+from sglang_entropy.adapter.speculative import DECISION_ATTR, Router
 from sglang_entropy.platform.spec_attention import PortableMultiStepDraftBackend
 from sglang_entropy.settings import ENV_DRAFTERS, parse_drafters
 from sglang_entropy.types import RouteDecision
@@ -59,8 +60,6 @@ class PortableStandaloneWorker(StandaloneWorkerV2):
             self._draft_worker = self._drafter_group(server_args, gpu_id, nccl_port, target_worker, paths)
 
     def _drafter_group(self, server_args, gpu_id, nccl_port, target_worker, paths):
-        from sglang_entropy.adapter.speculative import Router
-
         own = get_spec().speculative_draft_model_path
         if os.path.abspath(paths[0]) != os.path.abspath(own):
             raise ValueError(
@@ -232,7 +231,9 @@ class DrafterGroup:
         results = self._each(batch, run)
         batch_result.next_draft_input = self._combine([r[0] for r in results], [r[1] for r in results])
         if self.pending is not None and not batch.forward_mode.is_idle():
-            self.router.record(batch.reqs, self.pending, batch_result.accept_lens)
+            # Read on the host in the scheduler's result processing (adapter.speculative), where
+            # SGLang copies accept_lens anyway: no sync inside the step.
+            setattr(batch_result, DECISION_ATTR, (self.router, self.pending))
         self.pending = None
 
 

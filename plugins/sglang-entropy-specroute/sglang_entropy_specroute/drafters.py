@@ -392,6 +392,16 @@ def agreement(model, records: list[dict], max_len: int, pad_id: int, batch_size:
 # Training
 
 
+def response_loss(drafter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the response tokens (HF's causal-LM loss for these labels),
+    with the 49152-way lm_head applied only where a label is: the head is most of a step's cost."""
+    hidden = drafter.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]  # [B, T-1]: the token each position predicts
+    scored = labels != -100
+    logits = drafter.lm_head(hidden[:, :-1][scored])  # [N, V]
+    return torch.nn.functional.cross_entropy(logits.float(), labels[scored])
+
+
 @dataclass
 class BuildConfig:
     out_dir: Path = field(default_factory=lambda: default_drafters_dir())
@@ -450,7 +460,7 @@ def train_drafter(drafter, records: list[dict], config: BuildConfig, pad_id: int
         del order[: config.batch_size]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        loss = drafter(**batch).loss
+        loss = response_loss(drafter, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -572,7 +582,7 @@ def format_matrix(matrix: dict[str, dict[str, float]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     defaults = BuildConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="sglang_entropy_specroute.drafters")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="sglang-entropy-drafters")
     parser.add_argument("--out-dir", type=Path, default=defaults.out_dir)
     parser.add_argument("--target", type=Path, default=None, help="target model folder (default: SmolLM2-135M)")
     parser.add_argument("--domains", default=",".join(DOMAINS))
@@ -587,6 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--generator", choices=sorted(GENERATORS), default=defaults.generator)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--report", type=Path, help="also write the agreement matrix and timings as Markdown here")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     paths = build_drafters(
@@ -608,7 +619,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     card = json.loads((next(iter(paths.values())) / "drafter_card.json").read_text())
     print(format_matrix(card["agreement"]))
     print(f"timings: {card['timings_s']}; total {time.perf_counter() - start:.0f} s")
+    if args.report:
+        write_report(args.report, card, time.perf_counter() - start, argv)
     return 0
+
+
+def write_report(path: Path, card: dict, seconds: float, argv: Sequence[str] | None) -> None:
+    """The build's command, settings, agreement matrix and timings as Markdown."""
+    import shlex
+    import sys
+
+    command = "sglang-entropy-drafters " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    config = card["config"]
+    timings = ", ".join(f"{k.removesuffix('_s')} {v / 60:.1f} min" for k, v in card["timings_s"].items())
+    lines = [
+        "# TAPS drafters: agreement with the target on held-out answers",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Each drafter: {card['init']}, then {config['steps']} steps of batch {config['batch_size']} "
+        f"(lr {config['lr']}) of {card['training']}. Corpus: the target's greedy answers "
+        f"(at most {config['max_new_tokens']} tokens, generator `{config['generator']}`) to "
+        f"{config['train_prompts']} training prompts per domain; agreement is scored on "
+        f"{config['valid_prompts']} validation prompts per domain.",
+        "",
+        "Teacher-forced next-token agreement with the target's greedy token (the rate at which a "
+        "drafter's first draft token would be accepted):",
+        "",
+        format_matrix(card["agreement"]),
+        "",
+        f"Timings (2-core CPU): {timings}; {seconds / 60:.1f} min in all.",
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
