@@ -53,6 +53,27 @@ def server_command(model_path: str | Path, port: int, enable_entropy: bool, extr
     return cmd + list(extra_args)
 
 
+def standalone_args(drafter: str | Path, num_steps: int = 3, drafters=()) -> list[str]:
+    """SGLang's STANDALONE speculative flags for chain drafts of ``num_steps`` tokens (what the
+    portable CPU platform runs), and ``--entropy-drafters`` when several drafters are routed
+    (the first of them must be ``drafter``)."""
+    args = [
+        "--speculative-algorithm",
+        "STANDALONE",
+        "--speculative-draft-model-path",
+        str(drafter),
+        "--speculative-num-steps",
+        str(num_steps),
+        "--speculative-eagle-topk",
+        "1",
+        "--speculative-num-draft-tokens",
+        str(num_steps + 1),
+    ]
+    if drafters:
+        args += ["--entropy-drafters", ",".join(str(d) for d in drafters)]
+    return args
+
+
 def server_env(extra_env=None) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("SGLANG_ENTROPY_ENABLE", None)  # the flag decides, not a stray variable

@@ -20,22 +20,7 @@ QUESTIONS = [
 ]
 MAX_NEW_TOKENS = 48
 COMMON_ARGS = ["--page-size", "1", "--dtype", "float32", "--max-total-tokens", "8192"]
-SPEC_STEPS, SPEC_DRAFT_TOKENS = 3, 4
-
-
-def spec_args(model_path):
-    return [
-        "--speculative-algorithm",
-        "STANDALONE",
-        "--speculative-draft-model-path",
-        str(model_path),
-        "--speculative-num-steps",
-        str(SPEC_STEPS),
-        "--speculative-eagle-topk",
-        "1",
-        "--speculative-num-draft-tokens",
-        str(SPEC_DRAFT_TOKENS),
-    ]
+SPEC_STEPS = 3
 
 
 def generate(server, prompts, temperature=0):
@@ -65,7 +50,7 @@ def outputs(model_path, tokenizer):
     # One server at a time: on a small CPU machine two would compete for the same cores.
     plain = greedy(model_path, prompts, [])
     sampled = []
-    spec = greedy(model_path, prompts, spec_args(model_path), sampled)
+    spec = greedy(model_path, prompts, sglang_server.standalone_args(model_path, SPEC_STEPS), sampled)
     return plain, spec, sampled[0]
 
 

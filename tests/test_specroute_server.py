@@ -23,23 +23,6 @@ CUSTOM = [
 ]
 
 
-def spec_args(model_path, drafters):
-    return [
-        "--speculative-algorithm",
-        "STANDALONE",
-        "--speculative-draft-model-path",
-        str(model_path),
-        "--speculative-num-steps",
-        "3",
-        "--speculative-eagle-topk",
-        "1",
-        "--speculative-num-draft-tokens",
-        "4",
-        "--entropy-drafters",
-        ",".join(str(p) for p in drafters),
-    ]
-
-
 def truncated_copy(model_path, out_dir, layers=2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,7 +57,7 @@ def outputs(model_path, tokenizer, tmp_path_factory):
     small = truncated_copy(model_path, tmp_path_factory.mktemp("drafter") / "SmolLM2-2layers")
     # One server at a time: on a small CPU machine two would compete for the same cores.
     plain = run(model_path, prompts, [])
-    routed = run(model_path, prompts, spec_args(model_path, [model_path, small]))
+    routed = run(model_path, prompts, sglang_server.standalone_args(model_path, 3, [model_path, small]))
     return plain, routed
 
 

@@ -26,25 +26,11 @@ from pathlib import Path
 
 import requests
 
+from sglang_entropy.server import standalone_args
 from sglang_entropy_specroute.drafters import DOMAINS, default_drafters_dir, domain_prompts, prompt_ids
 
 TARGET_ALONE = "target alone"
 ROUTING = "taps routing"
-
-
-def speculative_args(args, drafter: Path) -> list[str]:
-    return [
-        "--speculative-algorithm",
-        "STANDALONE",
-        "--speculative-draft-model-path",
-        str(drafter),
-        "--speculative-num-steps",
-        str(args.num_steps),
-        "--speculative-eagle-topk",
-        "1",
-        "--speculative-num-draft-tokens",
-        str(args.num_steps + 1),
-    ]
 
 
 def drafter_paths(args) -> list[Path]:
@@ -61,8 +47,8 @@ def drafter_paths(args) -> list[Path]:
 def arms(args, drafters: list[Path]) -> list[tuple[str, list[str]]]:
     """(label, extra server args) of each arm."""
     common = ["--page-size", "1", "--dtype", args.dtype, "--max-total-tokens", "8192"]
-    single = [(f"{d.name} drafter alone", common + speculative_args(args, d)) for d in drafters]
-    routing = common + speculative_args(args, drafters[0]) + ["--entropy-drafters", ",".join(map(str, drafters))]
+    single = [(f"{d.name} drafter alone", common + standalone_args(d, args.num_steps)) for d in drafters]
+    routing = common + standalone_args(drafters[0], args.num_steps, drafters)
     return [(TARGET_ALONE, common), *single, (ROUTING, routing)]
 
 
