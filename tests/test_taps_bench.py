@@ -1,5 +1,6 @@
 """``sglang-entropy bench taps``: the summary's arithmetic on hand-made rows, and its arms' launch flags."""
 
+import json
 from argparse import Namespace
 from pathlib import Path
 
@@ -76,3 +77,31 @@ def test_arms_share_the_speculative_settings():
 def test_missing_drafters_name_the_build_command(tmp_path):
     with pytest.raises(SystemExit, match="sglang-entropy-drafters"):
         bench.drafter_paths(Namespace(drafters=f"{tmp_path}/a,{tmp_path}/b"))
+
+
+def test_report_writes_markdown_json_and_plot(tmp_path):
+    labels = [bench.TARGET_ALONE, "math drafter alone", bench.ROUTING]
+    rows = [
+        row(0, "math", bench.TARGET_ALONE, 9, 0, 3.0),
+        row(0, "math", "math drafter alone", 9, 2, 1.0),
+        row(0, "math", bench.ROUTING, 9, 4, 2.0, ["math"] * 4),
+        row(1, "chat", bench.TARGET_ALONE, 11, 0, 2.0),
+        row(1, "chat", "math drafter alone", 11, 10, 4.0),
+        row(1, "chat", bench.ROUTING, 11, 5, 1.0, ["chat"] * 5),
+    ]
+    summary = bench.summarize(rows, labels, ["math", "chat"])
+    meta = {
+        "command": "sglang-entropy bench taps --prompts 1",
+        "target": "t",
+        "drafters": ["/d/math", "/d/chat"],
+        "prompts_per_domain": 1,
+        "max_new_tokens": 16,
+        "greedy_outputs_identical_to_target": bench.identical_outputs(rows),
+    }
+    out = tmp_path / "taps"
+    bench.write_report(out, meta, summary, rows)
+    text = out.with_suffix(".md").read_text()
+    assert "`sglang-entropy bench taps --prompts 1`" in text
+    assert "| mixed | taps routing | 2.00 | 1.67x | math 44%, chat 56% |" in text
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert len(json.loads(out.with_suffix(".json").read_text())["rows"]) == len(rows)

@@ -199,7 +199,8 @@ def write_report(out: Path, meta: dict, summary: list[dict], rows: list[dict]) -
         "",
         "Acceptance length: tokens committed per verification step, the target's bonus token included. "
         "Tokens/s are ratios to the target alone, measured in the same run on the same machine. "
-        f"Greedy outputs identical to the target alone: {identical}.",
+        f"Greedy outputs identical to the target alone: {identical}. Every route event names the drafter "
+        f"with the highest reported confidence: {all(s['routes_to_most_confident'] for s in summary)}.",
         "",
     ]
     out.with_suffix(".md").write_text("\n".join(text))
