@@ -12,9 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sglang_entropy import server as sglang_server
+from sglang_entropy.cli import bench_command
 from sglang_entropy.model import build_default_model
 from sglang_entropy.registry import installed_policies
 from sglang_entropy.signals import SIGNAL_NAMES
@@ -88,11 +87,7 @@ def run_overhead(args) -> int:
                             "ratio_to_disabled": paired_ratio(samples[arm], samples["adapter disabled"]),
                         }
                     )
-    command = (
-        "sglang-entropy bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1 :])
-        if "bench" in sys.argv
-        else "sglang-entropy bench overhead"
-    )
+    command = bench_command("overhead")
     meta = {
         "command": command,
         "device": device,

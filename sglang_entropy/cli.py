@@ -8,6 +8,16 @@ import json
 import sys
 
 
+def bench_command(name: str) -> str:
+    """The ``sglang-entropy bench ...`` command line this process runs, as recorded in results
+    (``sglang-entropy bench NAME`` when the bench was called from Python, not the CLI)."""
+    import shlex
+
+    if "bench" not in sys.argv:
+        return f"sglang-entropy bench {name}"
+    return "sglang-entropy bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1 :])
+
+
 def cmd_plugins(args) -> int:
     from rich.console import Console
     from rich.table import Table

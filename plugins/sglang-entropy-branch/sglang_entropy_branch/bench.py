@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import shlex
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +21,7 @@ import requests
 from rich.console import Console
 from rich.table import Table
 
+from sglang_entropy.cli import bench_command
 from sglang_entropy_branch.client import majority, sequences
 
 
@@ -111,7 +110,7 @@ def run_branch(args) -> int:
         }
         for arm in arms
     ]
-    command = "sglang-entropy bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1 :])
+    command = bench_command("branch")
     meta = {
         "command": command,
         **{k: v for k, v in vars(args).items() if k != "func"},

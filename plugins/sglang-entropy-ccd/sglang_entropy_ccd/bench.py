@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-import shlex
-import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -24,6 +22,7 @@ from pathlib import Path
 import requests
 import yaml
 
+from sglang_entropy.cli import bench_command
 from sglang_entropy_ccd.model import addition_problem, ensure_model
 
 
@@ -109,7 +108,7 @@ def run_ccd(args) -> int:
                     }
                 )
     summary = summarize(rows, [a[0] for a in arms])
-    command = "sglang-entropy bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1 :])
+    command = bench_command("ccd")
     meta = {"command": command, "model": str(model_path), "arms": arms, "questions": args.questions}
     write_report(Path(args.out), meta, summary, rows)
     for line in table(summary):

@@ -14,8 +14,6 @@ from __future__ import annotations
 import datetime
 import json
 import random
-import shlex
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from sglang_entropy.cli import bench_command
 from sglang_entropy_prune.voting import extract_answer, normalize_number, traces_from_outputs, vote
 
 SYSTEM_PROMPTS = {
@@ -162,9 +161,7 @@ def run_prune(args) -> int:
 
     summary = summarize(records, seconds)
     meta = {
-        "command": "sglang-entropy bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1 :])
-        if "bench" in sys.argv
-        else "sglang-entropy bench prune",
+        "command": bench_command("prune"),
         "task": args.task,
         "data": args.data,
         "device": device,

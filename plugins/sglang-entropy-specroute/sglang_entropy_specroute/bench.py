@@ -18,14 +18,13 @@ the prefill. Wall times on CPU are reported as ratios to the target alone.
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import requests
 
+from sglang_entropy.cli import bench_command
 from sglang_entropy.server import standalone_args
 from sglang_entropy_specroute.drafters import DOMAINS, default_drafters_dir, domain_prompts, prompt_ids
 
@@ -112,7 +111,7 @@ def run_taps(args) -> int:
                     }
                 )
     summary = summarize(rows, labels, [d.name for d in drafters])
-    command = "sglang-entropy bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1 :])
+    command = bench_command("taps")
     meta = {
         "command": command,
         "target": str(target),
