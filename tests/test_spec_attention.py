@@ -1,10 +1,6 @@
 """The portable CPU platform's speculative attention (target verify, multi-step draft decode)
 against SGLang's own torch_native decode run token by token, in float32, on a real KV pool."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +12,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from sglang_entropy.platform import spec_kernels
 from sglang_entropy.platform.spec_attention import PortableMultiStepDraftBackend, PortableSpecAttnBackend
+from tests.fresh_interpreter import assert_prints_ok
 
 HEADS, KV_HEADS, DIM, POOL = 4, 2, 8, 128
 FULL_MASK = 0
@@ -261,11 +258,7 @@ assert spec_tree.verify_tree_greedy_func.__wrapped__ is not None  # a HookRegist
 assert spec_kernels._installed
 print("ok")
 """
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    env.pop("SGLANG_PLATFORM", None)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    assert_prints_ok(code)
 
 
 def test_kv_pool_builds_and_moves_without_triton():

@@ -1,11 +1,6 @@
 """The torch ports of SGLang's speculative kernels against scalar transcriptions of the Triton
 kernels (tests/spec_kernels_reference.py), plus hand-worked chains."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,6 +8,7 @@ from hypothesis import strategies as st
 
 from sglang_entropy.platform import spec_kernels as sk
 from tests import spec_kernels_reference as ref
+from tests.fresh_interpreter import assert_prints_ok
 
 FULL_MASK, QLEN_ONLY, QLEN_ONLY_BITPACKING = 0, 1, 2
 
@@ -330,8 +326,4 @@ utils.verify_tree_greedy_func(
 assert num.tolist() == [1] and predicts.tolist() == [4, 9], (num, predicts)
 print("ok")
 """
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    env.pop("SGLANG_PLATFORM", None)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    assert_prints_ok(code)
