@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import types
+import typing
 from dataclasses import dataclass
 
+import annotated_types
 import pluggy
 
 from sglang_entropy import hookspecs
-from sglang_entropy.types import PolicySpec
+from sglang_entropy.types import PolicyParams, PolicySpec
 
 ENTRY_POINT_GROUP = "sglang_entropy.policies"
 
@@ -30,6 +33,7 @@ class PolicyRegistry:
             impl.function(register=functools.partial(self._add, dist=dist))
 
     def _add(self, spec: PolicySpec, dist=None) -> None:
+        check_params_model(spec)
         if spec.name in self._policies:
             other = self._policies[spec.name].distribution
             raise ValueError(f"policy {spec.name!r} is registered twice ({other} and {dist and dist.name})")
@@ -46,6 +50,55 @@ class PolicyRegistry:
 
     def __iter__(self):
         return iter(self._policies[name] for name in self.names())
+
+
+# Bounds that fit the adapter's per-slot device buffers (int64 and float32) with room to compute.
+INT_LIMIT = 2**62
+FLOAT_LIMIT = 1e30
+
+
+def check_params_model(spec: PolicySpec) -> None:
+    """Refuse a policy whose parameters a request could set to a value the adapter cannot hold:
+    the model must extend ``PolicyParams`` (no unknown keys, no NaN or infinity), every int or
+    float field needs a lower and an upper bound within INT_LIMIT / FLOAT_LIMIT, every string
+    a maximum length, and other types (lists, dicts, nested models) are not parameters."""
+    where = f"policy {spec.name!r} ({spec.params.__module__}.{spec.params.__qualname__})"
+    if not (isinstance(spec.params, type) and issubclass(spec.params, PolicyParams)):
+        raise ValueError(f"{where}: params must extend sglang_entropy.types.PolicyParams")
+    config = spec.params.model_config
+    if config.get("extra") != "forbid" or config.get("allow_inf_nan", True):
+        raise ValueError(f"{where}: params must keep PolicyParams' extra='forbid' and allow_inf_nan=False")
+    for name, info in spec.params.model_fields.items():
+        problem = _field_problem(_scalar_type(info.annotation), info.metadata)
+        if problem:
+            raise ValueError(f"{where}: parameter {name!r} {problem}")
+
+
+def _scalar_type(annotation):
+    """The type of a parameter, without ``| None``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def _field_problem(kind, metadata) -> str | None:
+    if kind is bool or typing.get_origin(kind) is typing.Literal:
+        return None
+    if kind is str:
+        if not any(isinstance(m, annotated_types.MaxLen) for m in metadata):
+            return "is a string without max_length"
+        return None
+    if kind not in (int, float):
+        return f"has type {kind!r}; parameters are numbers, bools, bounded strings or Literals"
+    limit = INT_LIMIT if kind is int else FLOAT_LIMIT
+    lower = [m.ge if isinstance(m, annotated_types.Ge) else m.gt for m in metadata if isinstance(m, (annotated_types.Ge, annotated_types.Gt))]
+    upper = [m.le if isinstance(m, annotated_types.Le) else m.lt for m in metadata if isinstance(m, (annotated_types.Le, annotated_types.Lt))]
+    if not lower or not upper:
+        return "needs both a lower and an upper bound (ge/gt and le/lt)"
+    if not (-limit <= max(lower) and min(upper) <= limit):
+        return f"has bounds beyond +-{limit:g}, which the device buffers cannot hold"
+    return None
 
 
 def _distribution_of(plugin_manager, plugin):

@@ -7,9 +7,9 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from sglang_entropy.registry import PolicyRegistry
 from sglang_entropy.signals import MAX_TOP_K, SIGNAL_NAMES
@@ -20,6 +20,9 @@ ENV_CONFIG = "SGLANG_ENTROPY_CONFIG"
 ENV_DRAFTERS = "SGLANG_ENTROPY_DRAFTERS"  # comma-separated drafter model paths (--entropy-drafters)
 DEFAULT_ROUTING_POLICY = "taps"  # routes the requests of a drafter server that name no policy
 REQUEST_KEY = "entropy"  # sampling_params.custom_params["entropy"]
+SAMPLING_EPS = 1e-6  # SGLang samples greedily below this temperature (sglang.srt.sampling.sampling_params)
+MAX_PROBLEMS = 5  # an error message lists this many validation problems, then a count
+MAX_LOCATION = 200  # characters of one problem's location (a key may be long)
 
 SignalName = Literal["entropy", "topk_entropy", "confidence", "margin", "varentropy", "group_confidence"]
 assert set(SignalName.__args__) == set(SIGNAL_NAMES)
@@ -36,11 +39,39 @@ class SignalSettings(BaseModel):
     max_window: int = Field(2048, ge=1, le=65536, description="largest window a request may ask for")
 
 
+class Limits(BaseModel):
+    """What one request, and all clients together, may hold on this server."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_sequences: int = Field(
+        64, ge=1, le=4096, description="sequences one request may run: n of a group, max_sequences of a branching policy"
+    )
+    max_groups: int = Field(
+        256, ge=1, le=65536, description="named groups (group_id) and budget groups (budget_group) in use at once"
+    )
+
+
+class GroupScope(BaseModel):
+    """Group names (``group_id``, ``budget_group``) are private to a client: two clients that use
+    the same name get two groups. The client is the value of an HTTP header."""
+
+    model_config = ConfigDict(extra="forbid")
+    client_header: str = Field(
+        "authorization",
+        min_length=1,
+        max_length=128,
+        description="header whose value names the client (an API key, or the user id a gateway sets)",
+    )
+    require_client_header: bool = Field(False, description="refuse named groups from requests without the header")
+
+
 class ServerConfig(BaseModel):
     """The ``--entropy-config`` file (JSON or TOML)."""
 
     model_config = ConfigDict(extra="forbid")
     signals: SignalSettings = SignalSettings()
+    limits: Limits = Limits()
+    groups: GroupScope = GroupScope()
     policies: dict[str, dict[str, Any]] = Field(default_factory=dict, description="default parameters per policy")
 
 
@@ -48,9 +79,9 @@ class EntropyRequest(BaseModel):
     """``sampling_params.custom_params["entropy"]`` of one request."""
 
     model_config = ConfigDict(extra="forbid")
-    policy: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    return_signals: list[SignalName] = Field(default_factory=list)
+    policy: str | None = Field(None, max_length=128)
+    params: dict[str, Any] = Field(default_factory=dict, max_length=64)
+    return_signals: list[SignalName] = Field(default_factory=list, max_length=32)
     dllm_trace: bool = Field(False, description="diffusion LMs: return every denoising step's decisions")
 
 
@@ -91,6 +122,24 @@ class ServerSettings:
             drafters=parse_drafters(environ.get(ENV_DRAFTERS, "")),
         )
 
+    def check(self, registry: PolicyRegistry) -> None:
+        """Everything a launch can check before the model loads (raises ValueError): the
+        enabled policies are installed and the config's default parameters are valid."""
+        self.enabled_policies(registry)
+        for policy, defaults in self.config.policies.items():
+            where = f"--entropy-config: policies.{policy}"
+            if policy not in registry:
+                raise ValueError(f"{where}: no such policy is installed; installed: {registry.names()}")
+            fields = registry.get(policy).spec.params.model_fields
+            for name, value in defaults.items():
+                if name not in fields:
+                    raise ValueError(f"{where}.{name}: not a parameter of {policy}; parameters: {sorted(fields)}")
+                field_type = Annotated[(fields[name].annotation, AllowInfNan(False), *fields[name].metadata)]
+                try:  # each default alone: rules across fields are checked per request
+                    TypeAdapter(field_type).validate_python(value)
+                except ValidationError as e:
+                    raise ValueError(_describe(e, f"{where}.{name}")) from None
+
     def enabled_policies(self, registry: PolicyRegistry) -> list[str]:
         if self.allowed_policies is None:
             return registry.names()
@@ -102,14 +151,20 @@ class ServerSettings:
         return list(self.allowed_policies)
 
     def resolve(
-        self, raw: Any, registry: PolicyRegistry, n: int = 1, temperature: float | None = None
+        self,
+        raw: Any,
+        registry: PolicyRegistry,
+        n: int = 1,
+        temperature: float | None = None,
+        top_k: int | None = None,
     ) -> ResolvedRequest | None:
         """Validate one request's ``custom_params``; ``None`` when it asks for nothing.
 
-        ``n`` (the request's number of samples), its sampling ``temperature`` (None where
-        unknown) and the server's ``num_drafters`` reach the policy's validators as
-        ``info.context``: a group policy may accept some parameters only for groups, a branching
-        policy may require sampling, a routing policy may check a drafter index."""
+        ``n`` (the request's number of samples), its sampling ``temperature`` and ``top_k``
+        (None where unknown), whether SGLang will decode it greedily, and the server's
+        ``num_drafters`` reach the policy's validators as ``info.context``: a group policy may
+        accept some parameters only for groups, a branching policy may require sampling, a
+        routing policy may check a drafter index."""
         if raw is None:
             return None
         if not isinstance(raw, dict):
@@ -145,11 +200,18 @@ class ServerSettings:
                     "with --entropy-drafters PATH,PATH (two or more drafter models)"
                 )
             merged = {**self.config.policies.get(request.policy, {}), **request.params}
+            greedy = (temperature is not None and temperature < SAMPLING_EPS) or top_k == 1
+            context = {
+                "n": n,
+                "temperature": temperature,
+                "greedy": greedy,
+                "num_drafters": len(self.drafters),
+            }
             try:
-                context = {"n": n, "temperature": temperature, "num_drafters": len(self.drafters)}
                 params = spec.params.model_validate(merged, context=context)
             except ValidationError as e:
                 raise EntropyRequestError(_describe(e, f"{prefix}.params")) from None
+            self._check_sequences(spec, params, n, prefix)
         elif request.params:
             raise EntropyRequestError(f"{prefix}.params: parameters given without a policy")
         signals = self.config.signals
@@ -173,6 +235,26 @@ class ServerSettings:
         )
 
 
+    def _check_sequences(self, spec, params, n: int, prefix: str) -> None:
+        """Sequences per request: a group's ``n``, a branching policy's ``max_sequences``."""
+        limit = self.config.limits.max_sequences
+        if spec.branches and n > 1:
+            raise EntropyRequestError(
+                f"sampling_params.n: {spec.name} starts one sequence per request and forks it "
+                f"(n = {n}); set {prefix}.params.max_sequences instead"
+            )
+        if spec.groups and n > limit:
+            raise EntropyRequestError(
+                f"sampling_params.n: {n} traces exceed this server's limit of {limit} per request ([limits] max_sequences)"
+            )
+        wanted = getattr(params, "max_sequences", 1) if spec.branches else 1
+        if wanted > limit:
+            raise EntropyRequestError(
+                f"{prefix}.params.max_sequences: {wanted} exceeds this server's limit of {limit} "
+                "per request ([limits] max_sequences)"
+            )
+
+
 def load_config(path: str | Path) -> ServerConfig:
     path = Path(path)
     try:
@@ -187,8 +269,14 @@ def load_config(path: str | Path) -> ServerConfig:
 
 
 def _describe(error: ValidationError, prefix: str) -> str:
+    """The first MAX_PROBLEMS problems, each naming its field, then how many more there were."""
     parts = []
-    for item in error.errors():
+    problems = error.errors(include_url=False, include_input=False)
+    for item in problems[:MAX_PROBLEMS]:
         location = ".".join(str(p) for p in (prefix, *item["loc"]))
+        if len(location) > MAX_LOCATION:
+            location = location[:MAX_LOCATION] + "..."
         parts.append(f"{location}: {item['msg']}")
+    if len(problems) > MAX_PROBLEMS:
+        parts.append(f"and {len(problems) - MAX_PROBLEMS} more problems")
     return "; ".join(parts)

@@ -6,15 +6,27 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
+
+
+class PolicyParams(BaseModel):
+    """Base of every policy's parameters (``PolicySpec.params`` must extend it).
+
+    Requests configure a policy only with data: unknown keys, NaN and infinities are refused,
+    and registration checks that every number has a lower and an upper bound and every string
+    a maximum length, so no request can write a value that does not fit the adapter's device
+    buffers (int64, float32) or makes a policy silently do nothing.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
 class PolicySpec:
     """What a plugin registers: a policy's name, its parameters and what it may decide.
 
-    ``params`` is a pydantic model; a request's ``params`` are validated against it, so a
-    policy is only ever configured by data. Numeric fields (int, float, bool) are also kept
+    ``params`` is a ``PolicyParams`` model; a request's ``params`` are validated against it, so
+    a policy is only ever configured by data. Numeric fields (int, float, bool) are also kept
     on the device, one value per request slot, and reach ``decode_step`` as ``step.params``.
     ``stop_reasons`` names the reasons a ``DecodeDecision.stop_reason`` indexes. ``signals``
     names the signals ``decode_step`` reads: entropy and varentropy cost extra passes over the

@@ -55,7 +55,7 @@ def test_two_plugins_registering_one_name_is_an_error():
 
         @hookimpl
         def register_policies(self, register):
-            register(PolicySpec(name=self.name, params=type(installed_policies().get("deepconf").spec.params)))
+            register(PolicySpec(name=self.name, params=installed_policies().get("deepconf").spec.params))
 
     manager = make_plugin_manager(load_entry_points=False)
     manager.register(Plugin("same"), name="a")

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from pydantic import BaseModel
+from pydantic import Field
 from sglang.srt.managers.auxiliary_output import CommittedTokens
 from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
@@ -17,7 +17,7 @@ from sglang_entropy import hookimpl
 from sglang_entropy.adapter import runtime as rt
 from sglang_entropy.registry import PolicyRegistry, make_plugin_manager
 from sglang_entropy.settings import ServerSettings
-from sglang_entropy.types import DecodeDecision, PolicySpec
+from sglang_entropy.types import DecodeDecision, PolicyParams, PolicySpec
 
 
 @dataclass
@@ -41,8 +41,8 @@ class FakeReq:
         return self.finished_reason is not None
 
 
-class Params(BaseModel):
-    limit: float = 1.0
+class Params(PolicyParams):
+    limit: float = Field(1.0, ge=0, le=100)
 
 
 class Plugin:

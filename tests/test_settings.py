@@ -1,12 +1,11 @@
 import json
 
 import pytest
-from pydantic import BaseModel
 
 from sglang_entropy import hookimpl
 from sglang_entropy.registry import PolicyRegistry, installed_policies, make_plugin_manager
 from sglang_entropy.settings import EntropyRequestError, ServerSettings, load_config
-from sglang_entropy.types import PolicySpec
+from sglang_entropy.types import PolicyParams, PolicySpec
 
 
 def settings(**env):
@@ -71,7 +70,7 @@ def test_policy_not_enabled_at_launch_is_refused():
     class OtherPolicy:
         @hookimpl
         def register_policies(self, register):
-            register(PolicySpec(name="other", params=BaseModel))
+            register(PolicySpec(name="other", params=PolicyParams))
 
     manager = make_plugin_manager()
     manager.register(OtherPolicy())

@@ -21,8 +21,31 @@ def load() -> None:
     from sglang_entropy.adapter.flags import add_flags
 
     HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", add_flags, HookType.AFTER)
-    if ServerSettings.from_env().enabled:
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.__post_init__", check_launch, HookType.AFTER)
+    if checked_settings().enabled:
         activate()
+
+
+def checked_settings() -> ServerSettings:
+    """The server's settings, checked as far as a launch can check them. An invalid
+    configuration ends the process with the reason as the last line of its output, whichever
+    way the adapter was enabled: SGLang logs and skips a plugin that raises an ordinary
+    exception, which would leave the server running without the adapter."""
+    from sglang_entropy.registry import installed_policies
+
+    try:
+        settings = ServerSettings.from_env()
+        if settings.enabled:
+            settings.check(installed_policies())
+    except ValueError as e:
+        raise SystemExit(f"sglang-entropy: {e}") from None
+    return settings
+
+
+def check_launch(result, server_args, *args, **kwargs):
+    """After SGLang parsed its arguments (before any model loads): the flags have set the
+    environment, so the whole configuration is checked here once more."""
+    checked_settings()
 
 
 def activate() -> None:

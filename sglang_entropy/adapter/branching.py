@@ -11,12 +11,15 @@ before it starts (outputs for unknown rids are dropped), and the response lists 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import uuid
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from sglang.srt.plugins.hook_registry import HookType
+
+from sglang_entropy.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +28,14 @@ _TOKENIZED: dict = {}  # rid -> TokenizedGenerateReqInput of requests with a pol
 _ROOT: dict[str, str] = {}  # rid -> rid of the client request it belongs to
 _SIZE: dict[str, int] = {}  # root rid -> sequences so far
 _LIVE: dict[str, int] = {}  # root rid -> sequences not finished yet
-_POOLS: OrderedDict[str, int] = OrderedDict()  # budget group -> sequences left (most recent 256 kept)
+_POOLS: OrderedDict[str, int] = OrderedDict()  # budget group -> sequences left, least recently used first
+_POOL_USERS: Counter[str] = Counter()  # budget group -> requests with sequences still running
+_POOL_OF: dict[str, str] = {}  # root rid -> its budget group
+
+
+@functools.cache
+def _max_idle_pools() -> int:
+    return ServerSettings.from_env().config.limits.max_groups
 CHILDREN: dict[tuple[str, int], list[str]] = {}  # (rid, token index) -> child rids forked there
 
 
@@ -39,12 +49,21 @@ def remember_request(scheduler, recv_req, *args, **kwargs):
         if root == recv_req.rid and root not in _SIZE:
             _SIZE[root] = _LIVE[root] = 1
             params = custom["entropy"].get("params") or {}
-            if params.get("budget_group") is not None:  # validated by the tokenizer manager
-                group = params["budget_group"]
-                _POOLS[group] = _POOLS.get(group, params["budget"]) - 1
-                _POOLS.move_to_end(group)
-                while len(_POOLS) > 256:
-                    _POOLS.popitem(last=False)
+            if params.get("budget_group") is not None:  # validated and client-scoped by the tokenizer manager
+                _join_pool(root, params["budget_group"], params["budget"])
+
+
+def _join_pool(root: str, group: str, budget: int) -> None:
+    """The request's first sequence takes one of its budget group's sequences. Pools nobody
+    uses are forgotten beyond ``[limits] max_groups``, least recently used first (the tokenizer
+    manager admits at most that many groups in use)."""
+    _POOLS[group] = _POOLS.get(group, budget) - 1
+    _POOLS.move_to_end(group)
+    _POOL_USERS[group] += 1
+    _POOL_OF[root] = group
+    idle = [name for name in _POOLS if not _POOL_USERS[name]]
+    for name in idle[: max(0, len(_POOLS) - _max_idle_pools())]:
+        del _POOLS[name], _POOL_USERS[name]
 
 
 def forget_request(rid: str) -> None:
@@ -55,31 +74,57 @@ def forget_request(rid: str) -> None:
         _LIVE[root] -= 1
         if _LIVE[root] == 0:
             del _LIVE[root], _SIZE[root]
+            group = _POOL_OF.pop(root, None)
+            if group is not None:
+                _POOL_USERS[group] -= 1
+
+
+def forget_unqueued(scheduler, abort_req, req, *args, **kwargs):
+    """SGLang ends a request outside the output stream (aborted while queued, rejected): it
+    never reaches a slot, so its bookkeeping goes here."""
+    forget_request(req.rid)
+
+
+def report() -> dict:
+    """Branch bookkeeping for ``/get_server_info`` (all zero once every request has ended)."""
+    return {"branching_requests": len(_SIZE), "tracked_sequences": len(_ROOT), "budget_pools_in_use": sum(
+        1 for users in _POOL_USERS.values() if users
+    )}
 
 
 def fork_rows(batch, host, runtime) -> None:
-    """Before SGLang commits this step's tokens: fork the rows whose policy asked for it."""
+    """Before SGLang commits this step's tokens: fork the rows whose policy asked for it. A
+    fork that fails ends its own request (abort naming the error), not the scheduler."""
     for req, row in zip(batch.reqs, host.rows(), strict=True):
         if row["branch_width"] <= 0 or not row["valid"] or req.finished() or req.to_finish is not None:
             continue
-        record, recv = runtime.records.get(req.rid), _TOKENIZED.get(req.rid)
-        root = _ROOT.get(req.rid)
-        if record is None or recv is None or root not in _SIZE:
-            continue
-        cap = getattr(record.resolved.params, "max_sequences", 1)
-        width = min(int(row["branch_width"]), cap - _SIZE[root])
-        group = getattr(record.resolved.params, "budget_group", None)
-        if group is not None:
-            width = min(width, _POOLS.get(group, 0))
-        if width <= 0:
-            continue
-        index = int(row["token_index"])  # the token sampled now; the children replace it
-        if index == 0 and req.rid != root:
-            continue  # a child's first token is itself the alternative at its parent's branch point
-        shared = len(req.origin_input_ids) + index
-        req.refresh_fill_ids()
-        _SCHEDULER.tree_cache.checkpoint(req, up_to=shared)
-        children = []
+        try:
+            _fork_row(req, row, runtime)
+        except Exception as e:
+            logger.exception("fork of %s failed", req.rid)
+            req.to_finish = runtime.failure("branching", e)
+
+
+def _fork_row(req, row, runtime) -> None:
+    record, recv = runtime.records.get(req.rid), _TOKENIZED.get(req.rid)
+    root = _ROOT.get(req.rid)
+    if record is None or recv is None or root not in _SIZE:
+        return
+    cap = getattr(record.resolved.params, "max_sequences", 1)
+    width = min(int(row["branch_width"]), cap - _SIZE[root])
+    group = getattr(record.resolved.params, "budget_group", None)
+    if group is not None:
+        width = min(width, _POOLS.get(group, 0))
+    if width <= 0:
+        return
+    index = int(row["token_index"])  # the token sampled now; the children replace it
+    if index == 0 and req.rid != root:
+        return  # a child's first token is itself the alternative at its parent's branch point
+    shared = len(req.origin_input_ids) + index
+    req.refresh_fill_ids()
+    _SCHEDULER.tree_cache.checkpoint(req, up_to=shared)
+    children = []
+    try:
         for _ in range(width):
             child = copy.copy(recv)
             child.rid = f"{root}-b{_SIZE[root]}"
@@ -90,12 +135,13 @@ def fork_rows(batch, host, runtime) -> None:
             child.sampling_params.max_new_tokens = recv.sampling_params.max_new_tokens - index
             _ROOT[child.rid] = root
             _LIVE[root] += 1
-            children.append(child.rid)
             _SCHEDULER.handle_generate_request(child)
+            children.append(child.rid)
+    finally:  # the children queued so far are the request's, whatever happened to the others
         if group is not None:
             _POOLS[group] -= len(children)
         CHILDREN[(req.rid, index)] = children
-        logger.debug("fork %s at token %d into %s (%d shared tokens)", req.rid, index, children, shared)
+    logger.debug("fork %s at token %d into %s (%d shared tokens)", req.rid, index, children, shared)
 
 
 def is_branching_request(resolved) -> bool:
@@ -113,14 +159,16 @@ def generate_with_branches(original, tokenizer_manager, obj, request, options):
     async def outputs():
         obj.rid = obj.rid if isinstance(obj.rid, str) else uuid.uuid4().hex
         states = {}
-        for k in range(1, options.params.max_sequences):
-            child = copy.copy(obj)
-            child.rid = f"{obj.rid}-b{k}"
-            child.normalize_batch_and_arguments()
-            tokenizer_manager._init_req_state(child, request)
-            states[child.rid] = (child, tokenizer_manager.rid_to_state[child.rid])
         sequences = []
+        complete = False
         try:
+            for k in range(1, options.params.max_sequences):
+                child = copy.copy(obj)
+                child.rid = f"{obj.rid}-b{k}"
+                child.normalize_batch_and_arguments()
+                states[child.rid] = (child, None)
+                tokenizer_manager._init_req_state(child, request)
+                states[child.rid] = (child, tokenizer_manager.rid_to_state[child.rid])
             async for out in original(tokenizer_manager, obj, request):
                 root = out
             pending = [(root, None, None)]
@@ -139,7 +187,10 @@ def generate_with_branches(original, tokenizer_manager, obj, request, options):
                         ):
                             final = child_out
                         pending.append((final, meta["id"], event["token_index"]))
+            complete = True
         finally:
+            if not complete:  # failed or cancelled: no sequence of the request may run on uncollected
+                tokenizer_manager.abort_request(rid=obj.rid)
             for rid in states:  # never forked
                 tokenizer_manager.rid_to_state.pop(rid, None)
         yield sequences

@@ -9,7 +9,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from sglang_entropy.settings import ENV_CONFIG, ENV_DRAFTERS, ENV_POLICIES, load_config, parse_drafters
+from sglang_entropy.settings import (
+    ENV_CONFIG,
+    ENV_DRAFTERS,
+    ENV_POLICIES,
+    ServerConfig,
+    ServerSettings,
+    load_config,
+    parse_drafters,
+)
 
 
 class _EnableAction(argparse.Action):
@@ -20,15 +28,31 @@ class _EnableAction(argparse.Action):
 
 
 class _EnvAction(argparse.Action):
+    """Sets the flag's environment variable once its value is checked (a bad value ends the
+    launch here, before the model loads)."""
+
     def __call__(self, parser, namespace, values, option_string=None):
+        from sglang_entropy.registry import installed_policies
+
         if self.dest == "entropy_config":
-            try:
-                load_config(values)
-            except ValueError as e:
-                parser.error(str(e))
             values = os.path.abspath(values)
+            settings = ServerSettings(enabled=True, allowed_policies=None, config=_config_or_error(parser, values))
+        else:
+            names = tuple(n.strip() for n in values.split(",") if n.strip())
+            settings = ServerSettings(enabled=True, allowed_policies=names, config=ServerConfig())
+        try:
+            settings.check(installed_policies())
+        except ValueError as e:
+            parser.error(str(e))
         os.environ[ENV_CONFIG if self.dest == "entropy_config" else ENV_POLICIES] = values
         setattr(namespace, self.dest, values)
+
+
+def _config_or_error(parser, path: str) -> ServerConfig:
+    try:
+        return load_config(path)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 class _DraftersAction(argparse.Action):

@@ -28,17 +28,56 @@ def _is_routing_policy(policy: str | None) -> bool:
 
 
 def resolve_all(sampling_params) -> list[ResolvedRequest | None]:
-    """Validate the entropy options of every prompt of a request (raises EntropyRequestError)."""
+    """Validate the entropy options of every prompt of a request (raises EntropyRequestError).
+
+    Sampling fields of the wrong type are read as their defaults here: SGLang refuses them
+    itself, with its own 400, once this check passes."""
     if sampling_params is None:
         return []
     items = sampling_params if isinstance(sampling_params, list) else [sampling_params]
     resolved = []
     for params in items:
-        custom = params.get("custom_params") if isinstance(params, dict) else None
-        n = params.get("n", 1) if isinstance(params, dict) else 1
-        temperature = params.get("temperature", 1.0) if isinstance(params, dict) else 1.0
-        resolved.append(_settings().resolve(custom, installed_policies(), n=n or 1, temperature=temperature))
+        params = params if isinstance(params, dict) else {}
+        n = _number(params.get("n"), int) or 1
+        temperature = _number(params.get("temperature"), float)
+        resolved.append(
+            _settings().resolve(
+                params.get("custom_params"),
+                installed_policies(),
+                n=n,
+                temperature=1.0 if temperature is None else temperature,
+                top_k=_number(params.get("top_k"), int),
+            )
+        )
     return resolved
+
+
+def _number(value, kind):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return kind(value) if kind is float or float(value).is_integer() else None
+
+
+def runs_sequences(options: ResolvedRequest | None, n: int) -> bool:
+    """Whether one prompt's request runs several sequences that the adapter collects: a group
+    of traces or a branching policy."""
+    if options is None or options.policy is None:
+        return False
+    return groups.forms_group(options, n) or installed_policies().get(options.policy).spec.branches
+
+
+def check_form(obj, resolved: list[ResolvedRequest | None]) -> None:
+    """A /generate request that runs several sequences takes one prompt with one set of
+    sampling parameters and is not streamed (raises EntropyRequestError naming the form)."""
+    per_prompt = groups.sampling_params_list(obj.sampling_params)
+    multi = [
+        runs_sequences(options, _number(per_prompt[min(i, len(per_prompt) - 1)].get("n"), int) or 1)
+        for i, options in enumerate(resolved)
+    ]
+    if any(multi):
+        groups.check_group_form(
+            bool(obj.stream), isinstance(obj.sampling_params, dict) and groups.single_prompt(obj)
+        )
 
 
 def entropy_field(meta_info: dict, policy: str | None, offset: int) -> tuple[dict, int] | None:
@@ -83,12 +122,21 @@ def generate_request(original, tokenizer_manager, obj, request=None):
 
     async def outputs():
         resolved = resolve_all(getattr(obj, "sampling_params", None))
+        check_form(obj, resolved)
         if branching.is_branching_request(resolved):
-            async for out in branching.generate_with_branches(original, tokenizer_manager, obj, request, resolved[0]):
-                yield out
+            scope = groups.client_scope(request, _settings().config.groups, "budget_group", resolved[0].params)
+            async with groups.budget_group(obj, resolved[0], scope, _settings().config.limits):
+                async for out in branching.generate_with_branches(
+                    original, tokenizer_manager, obj, request, resolved[0]
+                ):
+                    yield out
             return
-        if groups.is_group_request(obj, resolved):
-            async for out in groups.run(original, tokenizer_manager, obj, request, resolved[0]):
+        n = _number(groups.sampling_params_list(obj.sampling_params)[0].get("n"), int) or 1
+        if groups.is_group_request(resolved, n):
+            scope = groups.client_scope(request, _settings().config.groups, "group_id", resolved[0].params)
+            async for out in groups.run(
+                original, tokenizer_manager, obj, request, resolved[0], n, scope, _settings()
+            ):
                 yield out
             return
         routed = bool(_settings().drafters)  # every request of a drafter server is routed
@@ -123,7 +171,7 @@ def generate_request(original, tokenizer_manager, obj, request=None):
 async def serve_generate_request(original, obj, request):
     """Answer invalid entropy options of /generate with 400 before a stream starts."""
     try:
-        groups.is_group_request(obj, resolve_all(obj.sampling_params))
+        check_form(obj, resolve_all(obj.sampling_params))
     except EntropyRequestError as e:
         from fastapi.responses import ORJSONResponse
 
@@ -139,9 +187,13 @@ def validate_openai_request(original, serving, request):
     n = getattr(request, "n", 1) or 1
     try:
         options = _settings().resolve(
-            custom, installed_policies(), n=n, temperature=getattr(request, "temperature", None)
+            custom,
+            installed_policies(),
+            n=n,
+            temperature=getattr(request, "temperature", None),
+            top_k=getattr(request, "top_k", None),
         )
-        if groups.forms_group(options, n):
+        if runs_sequences(options, n):
             prompt = getattr(request, "prompt", None)  # completions; chat requests have one conversation
             single = not (isinstance(prompt, list) and prompt and not isinstance(prompt[0], int))
             groups.check_group_form(bool(getattr(request, "stream", False)), single)

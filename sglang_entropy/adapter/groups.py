@@ -12,24 +12,31 @@ traces not yet started, or stop the group: its running traces are aborted and no
 Groups named by ``group_id`` outlive their requests (the most recently used MAX_NAMED_GROUPS
 are kept, each with its finished traces' per-token signals) so that later requests join them;
 a group of one ``n`` > 1 request ends with it.
+
+Group names are private to a client: a ``group_id`` or ``budget_group`` is keyed by the
+client's scope (a digest of the HTTP header ``[groups] client_header``), so another client
+naming the same group gets its own. At most ``[limits] max_groups`` named groups and budget
+groups are in use at once; beyond that a request naming a new group gets a 400, and groups
+nobody uses are forgotten, least recently used first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
+import hashlib
 import logging
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from sglang_entropy.registry import installed_policies
-from sglang_entropy.settings import REQUEST_KEY, EntropyRequestError, ResolvedRequest
+from sglang_entropy.settings import REQUEST_KEY, EntropyRequestError, GroupScope, Limits, ResolvedRequest
 from sglang_entropy.types import TraceGroup, TraceSummary
 
 logger = logging.getLogger(__name__)
 
-MAX_NAMED_GROUPS = 256
 NOT_STARTED = "the group was stopped before this trace started"
 
 
@@ -41,6 +48,7 @@ class Group:
         self.warmup_done = 0
         self.stopped = False
         self.running: set[str] = set()  # rids of traces in the scheduler
+        self.requests = 0  # requests of this group in flight
         self.changed = asyncio.Condition()
 
     async def admit(self) -> str | None:
@@ -67,8 +75,62 @@ class Group:
             self.changed.notify_all()
 
 
-_NAMED: OrderedDict[str, Group] = OrderedDict()
+_NAMED: OrderedDict[str, Group] = OrderedDict()  # scoped group key -> group, least recently used first
 _REQUESTS: dict[str, tuple[Group, list[str]]] = {}  # request rid -> its group and trace rids
+_BUDGETS: Counter[str] = Counter()  # scoped budget group -> requests in flight
+
+
+def client_scope(request, scope: GroupScope, field: str, params) -> str:
+    """The client's scope for the group names in ``params`` (raises EntropyRequestError when
+    the server requires the client header and the request has none)."""
+    value = request.headers.get(scope.client_header) if request is not None else None
+    if value is None and scope.require_client_header and getattr(params, field, None) is not None:
+        raise EntropyRequestError(
+            f"custom_params.{REQUEST_KEY}.params.{field}: this server scopes group names by client and needs "
+            f"the {scope.client_header!r} header"
+        )
+    return hashlib.sha256((value or "").encode()).hexdigest()[:32]
+
+
+def scoped_name(scope: str, name: str) -> str:
+    """The name the server keys a client's group by (64 hex digits, so it fits a name field)."""
+    return hashlib.sha256(f"{scope}\0{name}".encode()).hexdigest()
+
+
+def _groups_in_use() -> int:
+    return sum(1 for group in _NAMED.values() if group.requests) + len(_BUDGETS)
+
+
+def _admit_name(in_use: bool, limits: Limits, field: str) -> None:
+    if not in_use and _groups_in_use() >= limits.max_groups:
+        raise EntropyRequestError(
+            f"custom_params.{REQUEST_KEY}.params.{field}: {limits.max_groups} named groups are in use on this "
+            "server ([limits] max_groups); try again when one has finished"
+        )
+
+
+@contextlib.asynccontextmanager
+async def budget_group(obj, options: ResolvedRequest, scope: str, limits: Limits):
+    """A branching request that names a ``budget_group``: the scheduler keys the shared budget
+    by the client-scoped name, which replaces the client's name in the request sent to it."""
+    name = getattr(options.params, "budget_group", None)
+    if name is None:
+        yield
+        return
+    key = scoped_name(scope, name)
+    _admit_name(key in _BUDGETS, limits, "budget_group")
+    custom = dict(obj.sampling_params.get("custom_params") or {})
+    entropy = dict(custom[REQUEST_KEY])
+    entropy["params"] = {**entropy.get("params", {}), "budget_group": key}
+    custom[REQUEST_KEY] = entropy
+    obj.sampling_params = {**obj.sampling_params, "custom_params": custom}
+    _BUDGETS[key] += 1
+    try:
+        yield
+    finally:
+        _BUDGETS[key] -= 1
+        if _BUDGETS[key] <= 0:
+            del _BUDGETS[key]
 
 
 def forms_group(options: ResolvedRequest | None, n: int) -> bool:
@@ -81,41 +143,36 @@ def forms_group(options: ResolvedRequest | None, n: int) -> bool:
 
 
 def check_group_form(stream: bool, single_prompt: bool) -> None:
-    """A group takes one prompt and is not streamed (raises EntropyRequestError)."""
+    """A request that runs several sequences (a group of traces, or a branching policy) takes
+    one prompt with one set of sampling parameters and is not streamed (raises
+    EntropyRequestError)."""
     prefix = f"custom_params.{REQUEST_KEY}"
+    what = "a request of several sequences (a group: n > 1 or group_id; or a branching policy)"
     if not single_prompt:
-        raise EntropyRequestError(f"{prefix}: a group of traces (n > 1 or group_id) takes one prompt per request")
+        raise EntropyRequestError(f"{prefix}: {what} takes one prompt and one set of sampling_params")
     if stream:
-        raise EntropyRequestError(f"{prefix}: a group of traces (n > 1 or group_id) cannot be streamed")
+        raise EntropyRequestError(f"{prefix}: {what} cannot be streamed")
 
 
-def is_group_request(obj, resolved: list[ResolvedRequest | None]) -> bool:
-    """Whether a /generate request is a group; raises for forms a group cannot take."""
-    per_prompt = _sampling_params_list(obj.sampling_params)
-    grouped = [
-        forms_group(options, per_prompt[min(index, len(per_prompt) - 1)].get("n", 1) or 1)
-        for index, options in enumerate(resolved)
-    ]
-    if not any(grouped):
-        return False
-    check_group_form(bool(obj.stream), len(resolved) == 1 and _single_prompt(obj))
-    return True
+def is_group_request(resolved: list[ResolvedRequest | None], n: int) -> bool:
+    """Whether a /generate request (whose form ``check_group_form`` accepted) is a group."""
+    return len(resolved) == 1 and forms_group(resolved[0], n)
 
 
-async def run(original, tokenizer_manager, obj, request, options: ResolvedRequest):
-    """Run a group request; yields what ``generate_request`` would: one output, or a list of
-    ``n`` outputs, each with ``meta_info["entropy"]["group"]``."""
+async def run(original, tokenizer_manager, obj, request, options: ResolvedRequest, n: int, scope: str, settings):
+    """Run a group request of ``n`` traces; yields what ``generate_request`` would: one output,
+    or a list of ``n`` outputs, each with ``meta_info["entropy"]["group"]``."""
     registry = installed_policies()
     params = options.params
-    n = obj.sampling_params.get("n", 1) or 1
     request_rid = obj.rid if isinstance(obj.rid, str) else uuid.uuid4().hex
     group_id = getattr(params, "group_id", None)
     if group_id is not None:
-        group = _named_group(group_id, options.policy, params)
+        group = _named_group(scoped_name(scope, group_id), group_id, options.policy, params, settings.config.limits)
     else:
         group = Group(request_rid[:128], options.policy, params)
     rids = [f"{request_rid}-{i}" for i in range(n)]
     _REQUESTS[request_rid] = (group, rids)
+    group.requests += 1
     tasks = [
         asyncio.create_task(_run_trace(original, tokenizer_manager, obj, request, options, group, rid)) for rid in rids
     ]
@@ -126,6 +183,7 @@ async def run(original, tokenizer_manager, obj, request, options: ResolvedReques
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         _REQUESTS.pop(request_rid, None)
+        group.requests -= 1
     vote = registry.hook.group_vote(policy=options.policy, group=group.view)
     for output in outputs:
         output["meta_info"]["entropy"]["group"]["vote"] = dataclasses.asdict(vote) if vote is not None else None
@@ -248,24 +306,29 @@ def _not_started(rid: str, group: Group, options: ResolvedRequest) -> dict:
     }
 
 
-def _named_group(group_id: str, policy: str, params) -> Group:
-    key = f"{policy}:{group_id}"
+def _named_group(key: str, group_id: str, policy: str, params, limits: Limits) -> Group:
+    """The client's group ``group_id`` (``key`` is its scoped name); a new one is admitted only
+    while fewer than ``max_groups`` groups are in use, and unused groups beyond that many are
+    forgotten, least recently used first."""
+    key = f"{policy}:{key}"
     group = _NAMED.get(key)
+    _admit_name(group is not None and group.requests > 0, limits, "group_id")
     if group is None:
         group = _NAMED[key] = Group(group_id, policy, params)
-        while len(_NAMED) > MAX_NAMED_GROUPS:
-            _NAMED.popitem(last=False)
     _NAMED.move_to_end(key)
+    idle = [k for k, g in _NAMED.items() if not g.requests and k != key]
+    for stale in idle[: max(0, len(_NAMED) - limits.max_groups)]:
+        del _NAMED[stale]
     return group
 
 
-def _sampling_params_list(sampling_params) -> list[dict]:
+def sampling_params_list(sampling_params) -> list[dict]:
     if isinstance(sampling_params, list):
         return [p if isinstance(p, dict) else {} for p in sampling_params]
     return [sampling_params if isinstance(sampling_params, dict) else {}]
 
 
-def _single_prompt(obj) -> bool:
+def single_prompt(obj) -> bool:
     if getattr(obj, "text", None) is not None:
         return isinstance(obj.text, str)
     input_ids = getattr(obj, "input_ids", None)

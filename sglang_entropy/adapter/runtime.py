@@ -137,17 +137,35 @@ class EntropyRuntime:
 
     # --- lifecycle (host, once per request) ----------------------------------------------
 
+    def failure(self, policy: str, error: Exception):
+        """The finish reason of a request whose policy (or the adapter's part in it) failed."""
+        return _policy_failure(policy, error)
+
     def start(self, req) -> None:
-        """``req`` was given a slot; write its settings into the slot before its first step."""
+        """``req`` was given a slot; write its settings into the slot before its first step.
+
+        A request this cannot serve as asked ends with an abort naming why (never served
+        without its policy, never a scheduler crash)."""
         if req.rid in self.records:  # chunked prefill keeps its slot across chunks
             return
         try:
             resolved = self.settings.resolve(req.sampling_params.custom_params, self.registry)
-        except ValueError:  # the tokenizer manager validated it; this only guards direct scheduler use
-            logger.exception("request %s: invalid entropy options, ignored", req.rid)
+        except ValueError as e:  # the tokenizer manager validated it; this guards direct scheduler use
+            logger.warning("request %s: invalid entropy options: %s", req.rid, e)
+            req.to_finish = _invalid_request(e)
             return
         if resolved is None or (resolved.policy is not None and resolved.policy not in self.policies):
             return  # nothing asked, or a policy of another path (speculative routing: adapter.speculative)
+        try:
+            self._start(req, resolved)
+        except Exception as e:
+            logger.exception("request %s: the adapter could not start it", req.rid)
+            self.end(req)
+            self.active[req.kv.req_pool_idx] = False
+            self.policy_index[req.kv.req_pool_idx] = -1
+            req.to_finish = _policy_failure(resolved.policy or "signals", e)
+
+    def _start(self, req, resolved: ResolvedRequest) -> None:
         slot = req.kv.req_pool_idx
         self.active[slot] = True
         self.prompt_len[slot] = len(req.origin_input_ids)
@@ -163,7 +181,12 @@ class EntropyRuntime:
             for field_name, buffer in self.params[policy_index].items():
                 value = getattr(resolved.params, field_name)
                 buffer[slot] = math.nan if value is None else value
-            info = RequestInfo(
+        self.policy_index[slot] = policy_index
+        record = RequestRecord(req.rid, slot, resolved, policy_index, None, frozenset(signals))
+        self.records[req.rid] = record  # from here on ``end`` releases the slot
+        self.signal_users.update(record.signals)
+        if resolved.policy is not None:
+            record.info = info = RequestInfo(
                 rid=req.rid,
                 slot=slot,
                 policy=resolved.policy,
@@ -177,10 +200,6 @@ class EntropyRuntime:
             except Exception as e:
                 logger.exception("policy %s failed to start request %s", resolved.policy, req.rid)
                 req.to_finish = _policy_failure(resolved.policy, e)
-        self.policy_index[slot] = policy_index
-        record = RequestRecord(req.rid, slot, resolved, policy_index, info, frozenset(signals))
-        self.records[req.rid] = record
-        self.signal_users.update(record.signals)
         req.customized_info = req.customized_info or {}
         for name in resolved.return_signals:
             req.customized_info.setdefault(SIGNAL_KEY + name, [])
@@ -317,9 +336,16 @@ class HostStepOutput:
                 continue
             if not row["stop"]:
                 continue
-            req.to_finish = EntropyStop(record.info.policy, _stop_reason(runtime, record, row), int(row["token_index"]))
+            try:
+                reason = _stop_reason(runtime, record, row)
+            except IndexError as e:  # the policy gave a reason it did not register
+                req.to_finish = _policy_failure(record.info.policy, e)
+                continue
+            req.to_finish = EntropyStop(record.info.policy, reason, int(row["token_index"]))
 
     def consume(self, batch, commits: Sequence) -> None:
+        """After SGLang committed the step's tokens: their values and events go into each
+        request's ``customized_info``. A row that cannot be recorded fails its own request."""
         runtime = current_runtime()
         for req, row, commit in zip(batch.reqs, self.rows(), commits, strict=True):
             if commit is None or not row["valid"]:
@@ -327,15 +353,22 @@ class HostStepOutput:
             record = runtime.records.get(req.rid) or runtime.ended.get(req.rid)
             if record is None:
                 continue
-            index = commit.output_index
-            info = req.customized_info
-            for name in record.resolved.return_signals:
-                _put(info[SIGNAL_KEY + name], index, row[name])
-            if record.info is None:
-                continue
-            events = _events(record, row, self.event_names, runtime)
-            _put(info[EVENTS_KEY], index, events or None)
+            try:
+                _record_token(req, record, row, commit.output_index, self.event_names, runtime)
+            except Exception as e:
+                logger.exception("request %s: recording its token failed", req.rid)
+                if not req.finished():
+                    req.to_finish = _policy_failure(record.resolved.policy or "signals", e)
         runtime.ended.clear()
+
+
+def _record_token(req, record: RequestRecord, row: dict, index: int, event_names, runtime) -> None:
+    info = req.customized_info
+    for name in record.resolved.return_signals:
+        _put(info[SIGNAL_KEY + name], index, row[name])
+    if record.info is not None:
+        events = _events(record, row, event_names, runtime)
+        _put(info[EVENTS_KEY], index, events or None)
 
 
 def _events(record: RequestRecord, row: dict, event_names, runtime) -> list[dict]:
@@ -386,6 +419,12 @@ def _policy_failure(policy: str, error: Exception):
     from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
     return FINISH_ABORT(f"sglang-entropy ({policy}) failed: {type(error).__name__}: {error}", status_code=500)
+
+
+def _invalid_request(error: Exception):
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    return FINISH_ABORT(f"sglang-entropy: invalid request: {error}", status_code=400)
 
 
 def _end_reason(req) -> str:

@@ -60,7 +60,7 @@ def apply_stops(processor, batch, result, *args, **kwargs):
 def report_state(result, controller, *args, **kwargs):
     """``/get_server_info`` shows the adapter's live state under ``internal_states[i]["entropy"]``."""
     if runtime._RUNTIME is not None and result is not None:
-        result.internal_state["entropy"] = runtime._RUNTIME.report()
+        result.internal_state["entropy"] = {**runtime._RUNTIME.report(), **branching.report()}
     return result
 
 
@@ -70,6 +70,7 @@ HOOKS = (
     ("sglang.srt.model_executor.model_runner.ModelRunner.sample", sample_with_batch, HookType.AROUND),
     ("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.alloc", start_requests, HookType.AFTER),
     ("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free", end_request, HookType.BEFORE),
+    ("sglang.srt.managers.scheduler.Scheduler.send_abort_output", branching.forget_unqueued, HookType.BEFORE),
     (f"{_PROCESSOR}.process_batch_result_decode", apply_stops, HookType.BEFORE),
     (f"{_PROCESSOR}.process_batch_result_prefill", apply_stops, HookType.BEFORE),
     (

@@ -10,17 +10,17 @@ threshold never fork, so the budget they leave goes to the prompts that still br
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
 from sglang_entropy import hookimpl
-from sglang_entropy.types import DecodeDecision, DecodeStep, PolicySpec
+from sglang_entropy.settings import SAMPLING_EPS
+from sglang_entropy.types import DecodeDecision, DecodeStep, PolicyParams, PolicySpec
 
 NAME = "eager"
 
 
-class EagerParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    threshold: float = Field(2.4, description="fork where the top-K entropy exceeds this")
+class EagerParams(PolicyParams):
+    threshold: float = Field(2.4, ge=0, le=64, description="fork where the top-K entropy (at most log K) exceeds this")
     entropy_top_k: int = Field(20, ge=2, le=64, description="K of the renormalised top-K entropy")
     max_sequences: int = Field(32, ge=1, le=256, description="sequences per request, the first included")
     echo_width: bool = Field(
@@ -31,16 +31,18 @@ class EagerParams(BaseModel):
     budget_group: str | None = Field(
         None, min_length=1, max_length=128, description="requests naming the same group share one budget"
     )
-    budget: int | None = Field(None, ge=1, description="sequences all requests of budget_group may hold together")
+    budget: int | None = Field(None, ge=1, le=65536, description="sequences all requests of budget_group may hold together")
 
     @model_validator(mode="after")
     def _needs_sampling(self, info: ValidationInfo):
         if (self.budget_group is None) != (self.budget is None):
             raise ValueError("budget_group and budget go together")
-        temperature = (info.context or {}).get("temperature")
-        if temperature is not None and temperature <= 0:
+        context = info.context or {}
+        temperature = context.get("temperature")
+        if context.get("greedy") or (temperature is not None and temperature < SAMPLING_EPS):
             raise ValueError(
-                f"eager needs temperature > 0 (got {temperature}): greedy branches would repeat the parent"
+                f"eager needs sampling: temperature > 0 and top_k != 1 (got temperature {temperature}; "
+                f"the engine samples greedily below {SAMPLING_EPS}): greedy branches would repeat the parent"
             )
         return self
 

@@ -15,27 +15,27 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from sglang_entropy import hookimpl
-from sglang_entropy.types import DecodeDecision, DecodeStep, PolicySpec
+from sglang_entropy.types import DecodeDecision, DecodeStep, PolicyParams, PolicySpec
 
 NAME = "echo"
 TAIL_TOKENS = 8  # tail confidence: mean c over the last 8 steps
 ENTROPY_HISTORY = 4  # dH_t compares with the mean entropy of the previous 4 steps
 STOP_REASONS = ("lowest_group_confidence", "tail_decline", "entropy_spike")
+MAX_SIGNAL = 1e6  # confidences and entropies are >= 0 and finite in practice
 
 
-class EchoParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class EchoParams(PolicyParams):
     lowest_group_confidence: bool = Field(True, description="select the lowest-group-confidence criterion")
     tail_decline: bool = Field(True, description="select the tail-decline criterion")
     entropy_spike: bool = Field(True, description="select the entropy-spike criterion")
-    min_group_confidence: float = Field(0.4, description="stop when the running minimum group confidence is below")
-    tail_max: float = Field(1.0, description="tail decline stops only at or below this tail confidence")
-    spike_min: float = Field(0.5, description="entropy spike stops only above this entropy rise")
+    min_group_confidence: float = Field(0.4, ge=0, le=MAX_SIGNAL, description="stop when the running minimum group confidence is below")
+    tail_max: float = Field(1.0, ge=0, le=MAX_SIGNAL, description="tail decline stops only at or below this tail confidence")
+    spike_min: float = Field(0.5, ge=-MAX_SIGNAL, le=MAX_SIGNAL, description="entropy spike stops only above this entropy rise")
     run_length: int = Field(3, ge=1, le=64, description="consecutive declines (or rises) that count")
-    window_size: int = Field(16, ge=1, description="tokens per group-confidence window")
+    window_size: int = Field(16, ge=1, le=65536, description="tokens per group-confidence window")
     top_k: int = Field(5, ge=1, le=64, description="top-k log-probabilities per token confidence")
 
     @model_validator(mode="after")

@@ -8,29 +8,46 @@ over the last ``window_size`` tokens; the window is "full" once the trace has th
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from sglang_entropy import hookimpl
-from sglang_entropy.types import DecodeDecision, DecodeStep, GroupUpdate, PolicySpec, TraceGroup, TraceSummary, Vote
+from sglang_entropy.types import (
+    DecodeDecision,
+    DecodeStep,
+    GroupUpdate,
+    PolicyParams,
+    PolicySpec,
+    TraceGroup,
+    TraceSummary,
+    Vote,
+)
 from sglang_entropy_prune.voting import AnswerFormat, Trace, calibrated_threshold, lowest_group_confidence, vote
 
 NAME = "deepconf"
+MAX_CONFIDENCE = 1e6  # token confidence is -mean log p of the top k: >= 0, and finite in practice
+MAX_TRACES = 4096
 
 
-class DeepConfParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DeepConfParams(PolicyParams):
     group_id: str | None = Field(
         None, min_length=1, max_length=128, description="requests with the same group_id form one group"
     )
     threshold: float | None = Field(
         None,
+        ge=0,
+        le=MAX_CONFIDENCE,
         validate_default=True,
         description="stop when the full window's mean confidence falls below this; "
         "leave it out to calibrate it from a group's warm-up traces",
     )
-    window_size: int = Field(2048, ge=1, description="tokens per group-confidence window")
+    window_size: int = Field(2048, ge=1, le=65536, description="tokens per group-confidence window")
     top_k: int = Field(20, ge=1, le=64, description="top-k log-probabilities per token confidence")
-    warmup_traces: int = Field(16, ge=1, description="traces of a group that run in full to calibrate the threshold")
+    warmup_traces: int = Field(
+        16,
+        ge=0,
+        le=MAX_TRACES,
+        description="traces of a group that run in full to calibrate the threshold (0 with a fixed threshold)",
+    )
     percentile: float = Field(
         90,
         ge=0,
@@ -41,7 +58,7 @@ class DeepConfParams(BaseModel):
     consensus: float | None = Field(
         None, gt=0, le=1, description="stop the group once the leading answer holds this share of the weighted vote"
     )
-    min_votes: int = Field(4, ge=1, description="votes needed before a consensus stop")
+    min_votes: int = Field(4, ge=1, le=MAX_TRACES, description="votes needed before a consensus stop")
     answer_format: AnswerFormat = Field("auto", description="how answers are read for consensus and the vote")
 
     @field_validator("threshold")
@@ -53,9 +70,11 @@ class DeepConfParams(BaseModel):
         return threshold
 
     @model_validator(mode="after")
-    def _no_warmup_with_fixed_threshold(self):
+    def _warmup_calibrates(self):
         if self.threshold is not None:
             self.warmup_traces = 0  # a fixed threshold needs no warm-up
+        elif self.warmup_traces == 0:
+            raise ValueError("warmup_traces: a group without a fixed threshold needs at least 1 warm-up trace")
         return self
 
 

@@ -12,26 +12,24 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
 from sglang_entropy import hookimpl
-from sglang_entropy.types import DraftProposals, PolicySpec, RouteDecision
+from sglang_entropy.types import DraftProposals, PolicyParams, PolicySpec, RouteDecision
 
 NAME = "taps"
 GRANULARITIES = ("step", "request")
 CONFIDENCES = ("token", "path")
 
 
-class TapsParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TapsParams(PolicyParams):
     granularity: Literal["step", "request"] = Field(
         "step", description="step: choose at every speculative step; request: choose at the first and keep it"
     )
     confidence: Literal["token", "path"] = Field(
         "token", description="token: mean of exp(log-prob) per drafted token; path: mean of exp(cumulative log-prob)"
     )
-    drafter: int | None = Field(None, ge=0, description="always route to this drafter (benchmarks); None: choose")
+    drafter: int | None = Field(None, ge=0, le=255, description="always route to this drafter (benchmarks); None: choose")
 
     @model_validator(mode="after")
     def _drafter_exists(self, info: ValidationInfo):
