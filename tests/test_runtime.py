@@ -175,3 +175,42 @@ def test_unfinished_prefill_chunks_are_not_recorded(runtime):
     # a prefill chunk that covers only part of the prompt: its sampled token is thrown away
     host = runtime.step(one_hot_logits([False]), torch.tensor([1]), torch.tensor([20]))
     assert host.packed[0, rt.FIXED_COLUMNS.index("valid")] == 0
+
+
+def test_invalid_options_reaching_the_scheduler_end_the_request_not_the_server(runtime):
+    bad = FakeReq("bad", 1, {"policy": "cap", "params": {"limit": "high"}})
+    runtime.start(bad)
+    assert isinstance(bad.to_finish, FINISH_ABORT) and "custom_params.entropy.params.limit" in bad.to_finish.message
+    assert not runtime.active[1] and runtime.num_active == 0  # never served without its policy
+
+
+def test_a_failure_while_starting_a_request_ends_it_and_frees_its_slot(runtime, monkeypatch):
+    class Unwritable(dict):
+        def items(self):
+            raise OverflowError("value does not fit")
+
+    monkeypatch.setattr(runtime, "params", [Unwritable(p) for p in runtime.params])
+    req = FakeReq("overflow", 3, {"policy": "cap", "params": {"limit": 2.0}})
+    runtime.start(req)
+    assert isinstance(req.to_finish, FINISH_ABORT) and "OverflowError" in req.to_finish.message
+    assert not runtime.active[3] and runtime.policy_index[3] == -1 and runtime.num_active == 0
+    other = FakeReq("other", 4, {"return_signals": ["entropy"]})
+    runtime.start(other)  # the runtime goes on serving
+    run_step(runtime, [other], one_hot_logits([False]))
+    assert other.finished_reason is None
+
+
+def test_a_stop_reason_the_policy_never_registered_fails_only_its_request(runtime):
+    class BadReason:
+        @hookimpl
+        def decode_step(self, policy, step):
+            if policy == "cap":
+                return DecodeDecision(stop=step.mask, stop_reason=torch.full_like(step.slots, 9))
+
+    manager = make_plugin_manager(load_entry_points=False)
+    manager.register(BadReason())
+    runtime.registry.hook = manager.hook
+    req = FakeReq("r", 1, {"policy": "cap"})
+    runtime.start(req)
+    run_step(runtime, [req], one_hot_logits([False]))
+    assert isinstance(req.finished_reason, FINISH_ABORT) and "IndexError" in req.finished_reason.message

@@ -133,9 +133,13 @@ def _fork_row(req, row, runtime) -> None:
             child.input_text = None
             child.sampling_params = copy.copy(recv.sampling_params)
             child.sampling_params.max_new_tokens = recv.sampling_params.max_new_tokens - index
-            _ROOT[child.rid] = root
+            _ROOT[child.rid] = root  # before SGLang sees it: it may end the child at once
             _LIVE[root] += 1
-            _SCHEDULER.handle_generate_request(child)
+            try:
+                _SCHEDULER.handle_generate_request(child)
+            except Exception:
+                forget_request(child.rid)
+                raise
             children.append(child.rid)
     finally:  # the children queued so far are the request's, whatever happened to the others
         if group is not None:
