@@ -21,10 +21,10 @@ def model_path():
 
 @pytest.fixture(scope="session")
 def entropy_server(model_path, tmp_path_factory):
-    """The real SGLang server with the adapter, the deepconf and echo policies enabled, and a config file
-    that sets deepconf's default window to 8 tokens."""
+    """The real SGLang server with the adapter, the deepconf, echo and eager policies enabled, and a
+    config file that sets deepconf's default window to 8 tokens and at most 32 sequences per request."""
     config = tmp_path_factory.mktemp("config") / "entropy.json"
-    config.write_text(json.dumps({"policies": {"deepconf": {"window_size": 8}}}))
+    config.write_text(json.dumps({"policies": {"deepconf": {"window_size": 8}}, "limits": {"max_sequences": 32}}))
     args = ["--entropy-policies", "deepconf,echo,eager", "--entropy-config", str(config)]
     with sglang_server.launch(model_path, enable_entropy=True, extra_args=args) as server:
         yield server
