@@ -51,6 +51,10 @@ class PolicyRegistry:
     def __iter__(self):
         return iter(self._policies[name] for name in self.names())
 
+    def dllm_policies(self) -> dict[str, str]:
+        """SGLang dLLM algorithm name -> policy name, for every installed diffusion policy."""
+        return {p.spec.dllm_algorithm: p.spec.name for p in self if p.spec.family == "dllm"}
+
 
 # Bounds that fit the adapter's per-slot device buffers (int64 and float32) with room to compute.
 INT_LIMIT = 2**62
@@ -92,8 +96,16 @@ def _field_problem(kind, metadata) -> str | None:
     if kind not in (int, float):
         return f"has type {kind!r}; parameters are numbers, bools, bounded strings or Literals"
     limit = INT_LIMIT if kind is int else FLOAT_LIMIT
-    lower = [m.ge if isinstance(m, annotated_types.Ge) else m.gt for m in metadata if isinstance(m, (annotated_types.Ge, annotated_types.Gt))]
-    upper = [m.le if isinstance(m, annotated_types.Le) else m.lt for m in metadata if isinstance(m, (annotated_types.Le, annotated_types.Lt))]
+    lower = [
+        m.ge if isinstance(m, annotated_types.Ge) else m.gt
+        for m in metadata
+        if isinstance(m, (annotated_types.Ge, annotated_types.Gt))
+    ]
+    upper = [
+        m.le if isinstance(m, annotated_types.Le) else m.lt
+        for m in metadata
+        if isinstance(m, (annotated_types.Le, annotated_types.Lt))
+    ]
     if not lower or not upper:
         return "needs both a lower and an upper bound (ge/gt and le/lt)"
     if not (-limit <= max(lower) and min(upper) <= limit):

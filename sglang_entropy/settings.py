@@ -44,7 +44,10 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     max_sequences: int = Field(
-        64, ge=1, le=4096, description="sequences one request may run: n of a group, max_sequences of a branching policy"
+        64,
+        ge=1,
+        le=4096,
+        description="sequences one request may run: n of a group, max_sequences of a branching policy",
     )
     max_groups: int = Field(
         256, ge=1, le=65536, description="named groups (group_id) and budget groups (budget_group) in use at once"
@@ -138,7 +141,7 @@ class ServerSettings:
                 try:  # each default alone: rules across fields are checked per request
                     TypeAdapter(field_type).validate_python(value)
                 except ValidationError as e:
-                    raise ValueError(_describe(e, f"{where}.{name}")) from None
+                    raise ValueError(describe_errors(e, f"{where}.{name}")) from None
 
     def enabled_policies(self, registry: PolicyRegistry) -> list[str]:
         if self.allowed_policies is None:
@@ -175,7 +178,7 @@ class ServerSettings:
         try:
             request = EntropyRequest.model_validate(raw[REQUEST_KEY])
         except ValidationError as e:
-            raise EntropyRequestError(_describe(e, prefix)) from None
+            raise EntropyRequestError(describe_errors(e, prefix)) from None
         params = None
         if request.policy is not None:
             enabled = self.enabled_policies(registry)
@@ -210,7 +213,7 @@ class ServerSettings:
             try:
                 params = spec.params.model_validate(merged, context=context)
             except ValidationError as e:
-                raise EntropyRequestError(_describe(e, f"{prefix}.params")) from None
+                raise EntropyRequestError(describe_errors(e, f"{prefix}.params")) from None
             self._check_sequences(spec, params, n, prefix)
         elif request.params:
             raise EntropyRequestError(f"{prefix}.params: parameters given without a policy")
@@ -234,7 +237,6 @@ class ServerSettings:
             window=window,
         )
 
-
     def _check_sequences(self, spec, params, n: int, prefix: str) -> None:
         """Sequences per request: a group's ``n``, a branching policy's ``max_sequences``."""
         limit = self.config.limits.max_sequences
@@ -245,7 +247,8 @@ class ServerSettings:
             )
         if spec.groups and n > limit:
             raise EntropyRequestError(
-                f"sampling_params.n: {n} traces exceed this server's limit of {limit} per request ([limits] max_sequences)"
+                f"sampling_params.n: {n} traces exceed this server's limit of {limit} per request "
+                "([limits] max_sequences)"
             )
         wanted = getattr(params, "max_sequences", 1) if spec.branches else 1
         if wanted > limit:
@@ -268,7 +271,7 @@ def load_config(path: str | Path) -> ServerConfig:
         raise ValueError(f"--entropy-config {path}: {e}") from None
 
 
-def _describe(error: ValidationError, prefix: str) -> str:
+def describe_errors(error: ValidationError, prefix: str) -> str:
     """The first MAX_PROBLEMS problems, each naming its field, then how many more there were."""
     parts = []
     problems = error.errors(include_url=False, include_input=False)

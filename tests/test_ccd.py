@@ -194,8 +194,7 @@ def test_a_request_cannot_select_a_diffusion_policy_per_request():
 
 def test_block_events_count_forwards_across_first_done_first_out_calls():
     """A prompt-only block, then a block denoised over two calls: one event, NFE summed by the frontend."""
-    from sglang_entropy.adapter.frontend import entropy_field
-    from sglang_entropy.adapter.runtime import EVENTS_KEY
+    from sglang_entropy.adapter.protocol import EVENTS_KEY, entropy_field
 
     config = SimpleNamespace(algorithm="CCD", block_size=4, first_done_first_out_mode=True)
     scheduler = SimpleNamespace(dllm_config=config)

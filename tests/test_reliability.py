@@ -265,7 +265,7 @@ def test_a_budget_group_is_sent_to_the_scheduler_under_its_scoped_name(monkeypat
 
 @pytest.fixture
 def clean_branching(monkeypatch):
-    for name in ("_TOKENIZED", "_ROOT", "_SIZE", "_LIVE", "_POOL_OF", "CHILDREN"):
+    for name in ("_TOKENIZED", "_ROOT", "_SIZE", "_LIVE", "_POOL_OF"):
         monkeypatch.setattr(branching, name, {})
     monkeypatch.setattr(branching, "_POOLS", type(branching._POOLS)())
     monkeypatch.setattr(branching, "_POOL_USERS", type(branching._POOL_USERS)())
@@ -301,8 +301,6 @@ def test_a_request_aborted_while_queued_leaves_no_bookkeeping(clean_branching):
 def test_a_failing_fork_ends_its_own_request_and_reports_the_children_it_made(clean_branching):
     from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
-    from sglang_entropy.adapter import runtime as rt
-
     queued = []
 
     def handle_generate_request(child):
@@ -317,16 +315,13 @@ def test_a_failing_fork_ends_its_own_request_and_reports_the_children_it_made(cl
     recv.sampling_params.max_new_tokens = 16
     branching.remember_request(scheduler, recv)
     params = installed_policies().get("eager").spec.params(max_sequences=4, budget_group="g", budget=8)
-    runtime = SimpleNamespace(
-        records={"root": SimpleNamespace(resolved=SimpleNamespace(params=params))},
-        failure=rt.EntropyRuntime.failure.__get__(object()),
-    )
+    runtime = SimpleNamespace(records={"root": SimpleNamespace(resolved=SimpleNamespace(params=params))}, children={})
     req = SimpleNamespace(rid="root", origin_input_ids=[1, 2], output_ids=[3], to_finish=None, finished=lambda: False)
     req.refresh_fill_ids = lambda: None
     host = SimpleNamespace(rows=lambda: [{"branch_width": 2.0, "valid": 1.0, "token_index": 1.0}])
     branching.fork_rows(SimpleNamespace(reqs=[req]), host, runtime)
     assert isinstance(req.to_finish, FINISH_ABORT) and "queue full" in req.to_finish.message
-    assert branching.CHILDREN[("root", 1)] == queued == ["root-b1"]  # the response names the child that runs
+    assert runtime.children[("root", 1)] == queued == ["root-b1"]  # the response names the child that runs
     assert branching._POOLS["g"] == 8 - 1 - 1
     for rid in ("root", "root-b1"):
         branching.forget_request(rid)

@@ -105,7 +105,9 @@ def test_eager_at_a_temperature_sglang_decodes_greedily_gets_400(entropy_server)
 def test_a_group_with_a_fixed_threshold_runs_its_policy(entropy_server):
     """Above every confidence (100), each trace stops where its first window fills."""
     for params, n in (({"threshold": 100.0}, 3), ({"threshold": 100.0, "group_id": uuid.uuid4().hex}, 2)):
-        response = generate(entropy_server, {"policy": "deepconf", "params": params}, n=n, max_new_tokens=32, ignore_eos=True)
+        response = generate(
+            entropy_server, {"policy": "deepconf", "params": params}, n=n, max_new_tokens=32, ignore_eos=True
+        )
         outputs = response.json()
         outputs = outputs if isinstance(outputs, list) else [outputs]
         assert len(outputs) == n
@@ -121,7 +123,9 @@ def test_error_bodies_are_capped(entropy_server):
     response = generate(entropy_server, many)
     assert_400(response, "custom_params.entropy.params")
     assert len(response.content) < 2000
-    response = generate(entropy_server, {"policy": "deepconf", "params": {"threshold": 1, **{f"k{i}": 1 for i in range(40)}}})
+    response = generate(
+        entropy_server, {"policy": "deepconf", "params": {"threshold": 1, **{f"k{i}": 1 for i in range(40)}}}
+    )
     assert "more problems" in assert_400(response) and len(response.content) < 2000
 
 
@@ -134,7 +138,11 @@ def test_too_many_sequences_per_request_get_400(entropy_server):
     client = openai.OpenAI(base_url=f"{entropy_server.url}/v1", api_key="none")
     with pytest.raises(openai.BadRequestError, match="max_sequences"):
         client.completions.create(
-            model="default", prompt="Hi", max_tokens=2, n=33, extra_body={"custom_params": {"entropy": {"policy": "deepconf"}}}
+            model="default",
+            prompt="Hi",
+            max_tokens=2,
+            n=33,
+            extra_body={"custom_params": {"entropy": {"policy": "deepconf"}}},
         )
 
 
@@ -228,21 +236,33 @@ SCALARS = (
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.sampled_from(["NaN", "Infinity", "-inf", "", "x" * 300, "1e400"])
 )
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=2), max_leaves=5)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=2),
+    max_leaves=5,
+)
 FIELDS = sorted({name for p in installed_policies() for name in p.spec.params.model_fields} | {"unknown"})
-ENTROPY = st.fixed_dictionaries(
-    {},
-    optional={
-        "policy": st.sampled_from(["deepconf", "eager", "echo", "taps", "ccd", "nope"]) | VALUES,
-        "params": st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=4) | VALUES,
-        "return_signals": st.lists(st.sampled_from(["entropy", "confidence", "margin", "bogus"]), max_size=3) | VALUES,
-        "dllm_trace": VALUES,
-        "code": VALUES,
-    },
-) | VALUES
+ENTROPY = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "policy": st.sampled_from(["deepconf", "eager", "echo", "taps", "ccd", "nope"]) | VALUES,
+            "params": st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=4) | VALUES,
+            "return_signals": st.lists(st.sampled_from(["entropy", "confidence", "margin", "bogus"]), max_size=3)
+            | VALUES,
+            "dllm_trace": VALUES,
+            "code": VALUES,
+        },
+    )
+    | VALUES
+)
 SAMPLING = st.fixed_dictionaries(
     {},
-    optional={"n": st.sampled_from([1, 2]), "temperature": st.sampled_from([0.0, 0.7]), "top_k": st.sampled_from([1, 20])},
+    optional={
+        "n": st.sampled_from([1, 2]),
+        "temperature": st.sampled_from([0.0, 0.7]),
+        "top_k": st.sampled_from([1, 20]),
+    },
 )
 NOT_STARTED = "the group was stopped before this trace started"
 
@@ -250,10 +270,16 @@ NOT_STARTED = "the group was stopped before this trace started"
 def fuzz_request(server, endpoint, entropy, sampling, stream):
     custom = {"entropy": entropy}
     if endpoint == "/generate":
-        body = {"text": "Hi", "stream": stream, "sampling_params": {"max_new_tokens": 2, **sampling, "custom_params": custom}}
+        body = {
+            "text": "Hi",
+            "stream": stream,
+            "sampling_params": {"max_new_tokens": 2, **sampling, "custom_params": custom},
+        }
     else:
         body = {"model": "default", "max_tokens": 2, "stream": stream, **sampling, "custom_params": custom}
-        body.update({"prompt": "Hi"} if endpoint == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]})
+        body.update(
+            {"prompt": "Hi"} if endpoint == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]}
+        )
     return post(server, endpoint, body, timeout=300)
 
 
@@ -282,7 +308,9 @@ def assert_no_failure(response, stream):
     sampling=SAMPLING,
     stream=st.booleans(),
 )
-def test_any_request_object_gets_200_or_400_and_the_server_stays_healthy(entropy_server, endpoint, entropy, sampling, stream):
+def test_any_request_object_gets_200_or_400_and_the_server_stays_healthy(
+    entropy_server, endpoint, entropy, sampling, stream
+):
     response = fuzz_request(entropy_server, endpoint, entropy, sampling, stream)
     assert response.status_code in (200, 400), (response.status_code, response.text[:1000])
     if response.status_code == 200:
@@ -301,9 +329,7 @@ def test_the_server_is_healthy_and_idle_after_the_fuzzing(entropy_server):
 def launch_fails(model_path, args, env=None) -> tuple[int, str]:
     port = sglang_server.free_port()
     command = sglang_server.server_command(model_path, port, enable_entropy=False, extra_args=args)
-    done = subprocess.run(
-        command, env=sglang_server.server_env(env), capture_output=True, text=True, timeout=300
-    )
+    done = subprocess.run(command, env=sglang_server.server_env(env), capture_output=True, text=True, timeout=300)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     return done.returncode, lines[-1] if lines else ""
 

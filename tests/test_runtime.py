@@ -14,6 +14,7 @@ from sglang.srt.managers.auxiliary_output import CommittedTokens
 from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
 from sglang_entropy import hookimpl
+from sglang_entropy.adapter import protocol
 from sglang_entropy.adapter import runtime as rt
 from sglang_entropy.registry import PolicyRegistry, make_plugin_manager
 from sglang_entropy.settings import ServerSettings
@@ -129,11 +130,11 @@ def test_stop_decision_finishes_exactly_that_request_with_its_reason(runtime, pl
         "far_above",
         0,
     )
-    [event] = wild.customized_info[rt.EVENTS_KEY][0]
+    [event] = wild.customized_info[protocol.EVENTS_KEY][0]
     assert event["kind"] == "stop" and event["limit"] == 1.0
-    assert wild.customized_info[rt.SIGNAL_KEY + "entropy"][0] == pytest.approx(4.605, abs=1e-3)
-    assert calm.customized_info[rt.EVENTS_KEY] == [None]
-    assert rt.SIGNAL_KEY + "entropy" not in watcher.customized_info  # it asked for confidence only
+    assert wild.customized_info[protocol.SIGNAL_KEY + "entropy"][0] == pytest.approx(4.605, abs=1e-3)
+    assert calm.customized_info[protocol.EVENTS_KEY] == [None]
+    assert protocol.SIGNAL_KEY + "entropy" not in watcher.customized_info  # it asked for confidence only
 
 
 def test_a_raising_policy_fails_only_its_requests(runtime):

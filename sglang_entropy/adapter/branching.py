@@ -19,6 +19,7 @@ from collections import Counter, OrderedDict
 
 from sglang.srt.plugins.hook_registry import HookType
 
+from sglang_entropy.adapter.protocol import entropy_field, policy_failure
 from sglang_entropy.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ _POOL_OF: dict[str, str] = {}  # root rid -> its budget group
 @functools.cache
 def _max_idle_pools() -> int:
     return ServerSettings.from_env().config.limits.max_groups
-CHILDREN: dict[tuple[str, int], list[str]] = {}  # (rid, token index) -> child rids forked there
 
 
 def remember_request(scheduler, recv_req, *args, **kwargs):
@@ -87,9 +87,11 @@ def forget_unqueued(scheduler, abort_req, req, *args, **kwargs):
 
 def report() -> dict:
     """Branch bookkeeping for ``/get_server_info`` (all zero once every request has ended)."""
-    return {"branching_requests": len(_SIZE), "tracked_sequences": len(_ROOT), "budget_pools_in_use": sum(
-        1 for users in _POOL_USERS.values() if users
-    )}
+    return {
+        "branching_requests": len(_SIZE),
+        "tracked_sequences": len(_ROOT),
+        "budget_pools_in_use": sum(1 for users in _POOL_USERS.values() if users),
+    }
 
 
 def fork_rows(batch, host, runtime) -> None:
@@ -102,7 +104,7 @@ def fork_rows(batch, host, runtime) -> None:
             _fork_row(req, row, runtime)
         except Exception as e:
             logger.exception("fork of %s failed", req.rid)
-            req.to_finish = runtime.failure("branching", e)
+            req.to_finish = policy_failure("branching", e)
 
 
 def _fork_row(req, row, runtime) -> None:
@@ -144,7 +146,7 @@ def _fork_row(req, row, runtime) -> None:
     finally:  # the children queued so far are the request's, whatever happened to the others
         if group is not None:
             _POOLS[group] -= len(children)
-        CHILDREN[(req.rid, index)] = children
+        runtime.children[(req.rid, index)] = children
     logger.debug("fork %s at token %d into %s (%d shared tokens)", req.rid, index, children, shared)
 
 
@@ -158,7 +160,6 @@ def is_branching_request(resolved) -> bool:
 def generate_with_branches(original, tokenizer_manager, obj, request, options):
     """Tokenizer side of a branching request: register every possible child rid, run the
     request, then wait for each child that was forked (children may fork too)."""
-    from sglang_entropy.adapter.frontend import entropy_field
 
     async def outputs():
         obj.rid = obj.rid if isinstance(obj.rid, str) else uuid.uuid4().hex

@@ -21,21 +21,16 @@ from dataclasses import dataclass, field
 import torch
 from sglang.srt.plugins.hook_registry import HookType
 
-from sglang_entropy.adapter.runtime import EVENTS_KEY, _policy_failure, _put
+from sglang_entropy.adapter.protocol import EVENTS_KEY, policy_failure, put_token_value, wants_dllm_trace
 from sglang_entropy.registry import installed_policies
-from sglang_entropy.settings import REQUEST_KEY, _describe
+from sglang_entropy.settings import describe_errors
 from sglang_entropy.types import DenoiseStep
 
 logger = logging.getLogger(__name__)
 
 
-def dllm_policies() -> dict[str, str]:
-    """SGLang algorithm name -> policy name, for every installed diffusion policy."""
-    return {p.spec.dllm_algorithm: p.spec.name for p in installed_policies() if p.spec.family == "dllm"}
-
-
 def get_algorithm_cls(original, name: str):
-    policy = dllm_policies().get(name)
+    policy = installed_policies().dllm_policies().get(name)
     if policy is None:
         return original(name)
     return _algorithm_class(name, policy)
@@ -135,7 +130,7 @@ def _validate_params(policy: str, algorithm_config: dict):
         return spec.params.model_validate(values)
     except ValidationError as e:
         raise ValueError(
-            f"--dllm-algorithm-config for {spec.dllm_algorithm} ({policy}): {_describe(e, 'config')}"
+            f"--dllm-algorithm-config for {spec.dllm_algorithm} ({policy}): {describe_errors(e, 'config')}"
         ) from None
 
 
@@ -214,12 +209,6 @@ class RunRecord:
 _LAST_RUN: RunRecord | None = None
 
 
-def wants_trace(req) -> bool:
-    custom = getattr(req.sampling_params, "custom_params", None) or {}
-    options = custom.get(REQUEST_KEY) if isinstance(custom, dict) else None
-    return bool(isinstance(options, dict) and options.get("dllm_trace"))
-
-
 def count_forwards(original, worker, forward_batch, batch=None):
     """AROUND ``TpModelWorker._forward_batch_generation_dllm``: count each row's forward passes."""
     global _LAST_RUN
@@ -242,7 +231,9 @@ def count_forwards(original, worker, forward_batch, batch=None):
 
     ours = hasattr(algorithm, "trace_rows")
     if ours:
-        algorithm.trace_rows = [wants_trace(req) for req in batch.reqs] if batch is not None else []
+        algorithm.trace_rows = (
+            [wants_dllm_trace(req.sampling_params.custom_params) for req in batch.reqs] if batch is not None else []
+        )
         algorithm.rows, algorithm.failure = [], None
     runner.forward, algorithm.step = counted_forward, recorded_step
     try:
@@ -274,10 +265,10 @@ def attach_blocks(scheduler, batch, result):
     record, _LAST_RUN = _LAST_RUN, None
     if record is None:
         return
-    policy = dllm_policies().get(scheduler.dllm_config.algorithm)
+    policy = installed_policies().dllm_policies().get(scheduler.dllm_config.algorithm)
     for row, req in enumerate(batch.reqs):
         if record.failure is not None:  # SGLang applies it when the request's block is committed
-            req.to_finish = _policy_failure(policy or scheduler.dllm_config.algorithm, record.failure)
+            req.to_finish = policy_failure(policy or scheduler.dllm_config.algorithm, record.failure)
         req.entropy_block_nfe = getattr(req, "entropy_block_nfe", 0) + record.row_nfe[row]
         new_tokens = _new_tokens(scheduler, req, result, row)
         if new_tokens is None:
@@ -293,7 +284,7 @@ def attach_blocks(scheduler, batch, result):
         if record.rows is not None and row < len(record.rows):
             event.update(record.rows[row].report(new_tokens))
         req.customized_info = req.customized_info or {}
-        _put(req.customized_info.setdefault(EVENTS_KEY, []), len(req.output_ids), [event])
+        put_token_value(req.customized_info.setdefault(EVENTS_KEY, []), len(req.output_ids), [event])
 
 
 HOOKS = (

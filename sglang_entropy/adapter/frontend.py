@@ -12,8 +12,8 @@ import json
 
 from sglang.srt.plugins.hook_registry import HookType
 
-from sglang_entropy.adapter import branching, dllm, groups
-from sglang_entropy.adapter.runtime import EVENTS_KEY, SIGNAL_KEY
+from sglang_entropy.adapter import branching, groups
+from sglang_entropy.adapter.protocol import entropy_field
 from sglang_entropy.registry import installed_policies
 from sglang_entropy.settings import DEFAULT_ROUTING_POLICY, EntropyRequestError, ResolvedRequest, ServerSettings
 
@@ -75,32 +75,7 @@ def check_form(obj, resolved: list[ResolvedRequest | None]) -> None:
         for i, options in enumerate(resolved)
     ]
     if any(multi):
-        groups.check_group_form(
-            bool(obj.stream), isinstance(obj.sampling_params, dict) and groups.single_prompt(obj)
-        )
-
-
-def entropy_field(meta_info: dict, policy: str | None, offset: int) -> tuple[dict, int] | None:
-    """Move our per-token keys out of ``meta_info`` into one ``entropy`` dict.
-
-    Values before ``offset`` were already sent in earlier stream chunks. Returns the dict and
-    the new offset, or None when the request asked for nothing.
-    """
-    signal_keys = [k for k in meta_info if k.startswith(SIGNAL_KEY)]
-    if not signal_keys and EVENTS_KEY not in meta_info:
-        return None
-    signals = {k[len(SIGNAL_KEY) :]: meta_info.pop(k)[offset:] for k in signal_keys}
-    per_token_events = meta_info.pop(EVENTS_KEY, [])[offset:]
-    events = [event for token_events in per_token_events if token_events for event in token_events]
-    end = offset + max([len(v) for v in signals.values()] + [len(per_token_events)])
-    shaped = {"policy": policy, "signals": signals, "events": events}
-    routes = [e for e in events if e.get("kind") == "route"]
-    if routes:  # speculative decoding: mean tokens committed per verify step (bonus included)
-        shaped["acceptance_length"] = sum(e["accepted"] for e in routes) / len(routes)
-    blocks = [e for e in events if e.get("kind") == "block"]
-    if blocks:  # a diffusion LM: forward passes of these tokens' blocks, prompt-only blocks included
-        shaped["nfe"] = sum(e["nfe"] + e.get("prompt_nfe", 0) for e in blocks)
-    return shaped, end
+        groups.check_group_form(bool(obj.stream), isinstance(obj.sampling_params, dict) and groups.single_prompt(obj))
 
 
 # OpenAI streams in flight: id of the request object -> choice index -> entropy values not
@@ -134,9 +109,7 @@ def generate_request(original, tokenizer_manager, obj, request=None):
         n = _number(groups.sampling_params_list(obj.sampling_params)[0].get("n"), int) or 1
         if groups.is_group_request(resolved, n):
             scope = groups.client_scope(request, _settings().config.groups, "group_id", resolved[0].params)
-            async for out in groups.run(
-                original, tokenizer_manager, obj, request, resolved[0], n, scope, _settings()
-            ):
+            async for out in groups.run(original, tokenizer_manager, obj, request, resolved[0], n, scope, _settings()):
                 yield out
             return
         routed = bool(_settings().drafters)  # every request of a drafter server is routed
@@ -152,7 +125,7 @@ def generate_request(original, tokenizer_manager, obj, request=None):
                 request_options = resolved[index] if index < len(resolved) else (resolved[0] if resolved else None)
                 policy = request_options.policy if request_options else None
                 if policy is None and tokenizer_manager.server_args.dllm_algorithm is not None:
-                    policy = dllm.dllm_policies().get(tokenizer_manager.server_args.dllm_algorithm)
+                    policy = installed_policies().dllm_policies().get(tokenizer_manager.server_args.dllm_algorithm)
                 if routed and not _is_routing_policy(policy):
                     policy = DEFAULT_ROUTING_POLICY
                 shaped = entropy_field(item.get("meta_info", {}), policy, offsets.get(index, 0))

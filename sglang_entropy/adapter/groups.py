@@ -31,6 +31,7 @@ import logging
 import uuid
 from collections import Counter, OrderedDict
 
+from sglang_entropy.adapter.protocol import entropy_field
 from sglang_entropy.registry import installed_policies
 from sglang_entropy.settings import REQUEST_KEY, EntropyRequestError, GroupScope, Limits, ResolvedRequest
 from sglang_entropy.types import TraceGroup, TraceSummary
@@ -203,8 +204,6 @@ def abort(original, tokenizer_manager, rid: str = "", abort_all: bool = False):
 
 
 async def _run_trace(original, tokenizer_manager, obj, request, options, group: Group, rid: str) -> dict:
-    from sglang_entropy.adapter.frontend import entropy_field
-
     registry = installed_policies()
     spec = registry.get(options.policy).spec
     role = await group.admit()

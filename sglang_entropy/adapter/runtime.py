@@ -24,6 +24,14 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from sglang_entropy.adapter.protocol import (
+    EVENTS_KEY,
+    SIGNAL_KEY,
+    EntropyStop,
+    invalid_request,
+    policy_failure,
+    put_token_value,
+)
 from sglang_entropy.registry import PolicyRegistry, installed_policies
 from sglang_entropy.settings import ResolvedRequest, ServerSettings
 from sglang_entropy.signals import FULL_VOCAB_SIGNALS, SIGNAL_NAMES, GroupConfidenceWindows, Workspace, token_signals
@@ -31,30 +39,8 @@ from sglang_entropy.types import DecodeStep, RequestInfo
 
 logger = logging.getLogger(__name__)
 
-SIGNAL_KEY = "entropy.signal."  # + signal name: one value per output token
-EVENTS_KEY = "entropy.events"  # one entry per output token: None or a list of events
 FIXED_COLUMNS = ("valid", "token_index", *SIGNAL_NAMES, "stop", "stop_reason", "branch_width")
 SCRATCH_SLOT = 0  # SGLang's request pool keeps row 0 as padding; rows that must not write go here
-
-
-class EntropyStop:
-    """Finish reason of a request that a policy stopped.
-
-    It reports ``type: "stop"`` so OpenAI clients see a normal stop, and ``entropy_policy`` so
-    a client can tell it apart from EOS and stop strings (``matched`` is null).
-    """
-
-    def __init__(self, policy: str, reason: str, token_index: int):
-        self.policy, self.reason, self.token_index = policy, reason, token_index
-
-    def to_json(self):
-        return {
-            "type": "stop",
-            "matched": None,
-            "entropy_policy": self.policy,
-            "reason": self.reason,
-            "token_index": self.token_index,
-        }
 
 
 @dataclass
@@ -120,6 +106,8 @@ class EntropyRuntime:
         # Requests that left their slot since the last consume: SGLang frees a finished
         # request's slot before it hands us the request's last token.
         self.ended: dict[str, RequestRecord] = {}
+        # (rid, token index) -> rids of the children forked there (adapter.branching), for the branch event
+        self.children: dict[tuple[str, int], list[str]] = {}
         self.active_per_policy = [0] * len(self.policies)
         self.signal_users: Counter[str] = Counter()  # running requests that need each signal
 
@@ -137,10 +125,6 @@ class EntropyRuntime:
 
     # --- lifecycle (host, once per request) ----------------------------------------------
 
-    def failure(self, policy: str, error: Exception):
-        """The finish reason of a request whose policy (or the adapter's part in it) failed."""
-        return _policy_failure(policy, error)
-
     def start(self, req) -> None:
         """``req`` was given a slot; write its settings into the slot before its first step.
 
@@ -152,7 +136,7 @@ class EntropyRuntime:
             resolved = self.settings.resolve(req.sampling_params.custom_params, self.registry)
         except ValueError as e:  # the tokenizer manager validated it; this guards direct scheduler use
             logger.warning("request %s: invalid entropy options: %s", req.rid, e)
-            req.to_finish = _invalid_request(e)
+            req.to_finish = invalid_request(e)
             return
         if resolved is None or (resolved.policy is not None and resolved.policy not in self.policies):
             return  # nothing asked, or a policy of another path (speculative routing: adapter.speculative)
@@ -163,7 +147,7 @@ class EntropyRuntime:
             self.end(req)
             self.active[req.kv.req_pool_idx] = False
             self.policy_index[req.kv.req_pool_idx] = -1
-            req.to_finish = _policy_failure(resolved.policy or "signals", e)
+            req.to_finish = policy_failure(resolved.policy or "signals", e)
 
     def _start(self, req, resolved: ResolvedRequest) -> None:
         slot = req.kv.req_pool_idx
@@ -199,7 +183,7 @@ class EntropyRuntime:
                 self.registry.hook.request_start(policy=resolved.policy, request=info, state=self.state[policy_index])
             except Exception as e:
                 logger.exception("policy %s failed to start request %s", resolved.policy, req.rid)
-                req.to_finish = _policy_failure(resolved.policy, e)
+                req.to_finish = policy_failure(resolved.policy, e)
         req.customized_info = req.customized_info or {}
         for name in resolved.return_signals:
             req.customized_info.setdefault(SIGNAL_KEY + name, [])
@@ -332,14 +316,14 @@ class HostStepOutput:
             if record is None or record.info is None or req.finished() or not row["valid"]:
                 continue
             if record.policy_index in self.failures:
-                req.to_finish = _policy_failure(record.info.policy, self.failures[record.policy_index])
+                req.to_finish = policy_failure(record.info.policy, self.failures[record.policy_index])
                 continue
             if not row["stop"]:
                 continue
             try:
                 reason = _stop_reason(runtime, record, row)
             except IndexError as e:  # the policy gave a reason it did not register
-                req.to_finish = _policy_failure(record.info.policy, e)
+                req.to_finish = policy_failure(record.info.policy, e)
                 continue
             req.to_finish = EntropyStop(record.info.policy, reason, int(row["token_index"]))
 
@@ -358,17 +342,17 @@ class HostStepOutput:
             except Exception as e:
                 logger.exception("request %s: recording its token failed", req.rid)
                 if not req.finished():
-                    req.to_finish = _policy_failure(record.resolved.policy or "signals", e)
+                    req.to_finish = policy_failure(record.resolved.policy or "signals", e)
         runtime.ended.clear()
 
 
 def _record_token(req, record: RequestRecord, row: dict, index: int, event_names, runtime) -> None:
     info = req.customized_info
     for name in record.resolved.return_signals:
-        _put(info[SIGNAL_KEY + name], index, row[name])
+        put_token_value(info[SIGNAL_KEY + name], index, row[name])
     if record.info is not None:
         events = _events(record, row, event_names, runtime)
-        _put(info[EVENTS_KEY], index, events or None)
+        put_token_value(info[EVENTS_KEY], index, events or None)
 
 
 def _events(record: RequestRecord, row: dict, event_names, runtime) -> list[dict]:
@@ -385,9 +369,7 @@ def _events(record: RequestRecord, row: dict, event_names, runtime) -> list[dict
             }
         )
     if row["branch_width"] > 0:
-        from sglang_entropy.adapter.branching import CHILDREN
-
-        children = CHILDREN.pop((record.rid, int(row["token_index"])), [])
+        children = runtime.children.pop((record.rid, int(row["token_index"])), [])
         events.append(
             {
                 "kind": "branch",
@@ -404,27 +386,6 @@ def _events(record: RequestRecord, row: dict, event_names, runtime) -> list[dict
 
 def _stop_reason(runtime: EntropyRuntime, record: RequestRecord, row: dict) -> str:
     return runtime.registry.get(record.info.policy).spec.stop_reasons[int(row["stop_reason"])]
-
-
-def _put(values: list, index: int, value) -> None:
-    """Store the value of output token ``index``, padding tokens we did not see with None."""
-    if len(values) > index:
-        values[index] = value
-        return
-    values.extend([None] * (index - len(values)))
-    values.append(value)
-
-
-def _policy_failure(policy: str, error: Exception):
-    from sglang.srt.managers.schedule_batch import FINISH_ABORT
-
-    return FINISH_ABORT(f"sglang-entropy ({policy}) failed: {type(error).__name__}: {error}", status_code=500)
-
-
-def _invalid_request(error: Exception):
-    from sglang.srt.managers.schedule_batch import FINISH_ABORT
-
-    return FINISH_ABORT(f"sglang-entropy: invalid request: {error}", status_code=400)
 
 
 def _end_reason(req) -> str:
@@ -487,7 +448,7 @@ def abort_after_step_failure(observer: EntropyObserver, batch) -> None:
     for req in batch.reqs:
         record = runtime.records.get(req.rid)
         if record is not None and not req.finished():
-            req.to_finish = _policy_failure(record.resolved.policy or "signal step", error)
+            req.to_finish = policy_failure(record.resolved.policy or "signal step", error)
 
 
 def find_host_output(result) -> HostStepOutput | None:

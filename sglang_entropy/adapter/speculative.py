@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from sglang.srt.plugins.hook_registry import HookType
 
-from sglang_entropy.adapter.runtime import EVENTS_KEY, _put
+from sglang_entropy.adapter.protocol import EVENTS_KEY, put_token_value
 from sglang_entropy.registry import PolicyRegistry, installed_policies
 from sglang_entropy.settings import DEFAULT_ROUTING_POLICY, ServerSettings
 from sglang_entropy.types import DraftProposals, RouteDecision
@@ -133,7 +133,7 @@ class Router:
                 "confidences": [None if math.isnan(c) else c for c in conf],
                 "accepted": accepted,
             }
-            _put(req.customized_info[EVENTS_KEY], len(req.output_ids), [event])
+            put_token_value(req.customized_info[EVENTS_KEY], len(req.output_ids), [event])
 
 
 def record_routes(processor, batch, result):

@@ -31,7 +31,9 @@ class EagerParams(PolicyParams):
     budget_group: str | None = Field(
         None, min_length=1, max_length=128, description="requests naming the same group share one budget"
     )
-    budget: int | None = Field(None, ge=1, le=65536, description="sequences all requests of budget_group may hold together")
+    budget: int | None = Field(
+        None, ge=1, le=65536, description="sequences all requests of budget_group may hold together"
+    )
 
     @model_validator(mode="after")
     def _needs_sampling(self, info: ValidationInfo):

@@ -37,8 +37,12 @@ MAX_MARGIN = 1e6  # logit margins: >= 0, finite
 class CCDParams(PolicyParams):
     """``--dllm-algorithm-config`` of ``--dllm-algorithm CCD`` (YAML; ``block_size`` is SGLang's)."""
 
-    budget: int = Field(1, ge=1, le=4096, description="positions committed per step when too few predictions are consistent")
-    expand_ratio: float = Field(4.0, ge=0, le=4096, description="the candidate set grows to budget + floor(budget * ratio)")
+    budget: int = Field(
+        1, ge=1, le=4096, description="positions committed per step when too few predictions are consistent"
+    )
+    expand_ratio: float = Field(
+        4.0, ge=0, le=4096, description="the candidate set grows to budget + floor(budget * ratio)"
+    )
     warmup_steps: int = Field(1, ge=0, le=4096, description="steps of each block that commit the budget only")
     reset_share: float = Field(0.1, ge=0, le=1, description="candidate set back to 1 when this share stays masked")
     adaptive: bool = Field(True, description="commit every consistent position (off: always the budget)")
@@ -46,9 +50,13 @@ class CCDParams(PolicyParams):
         "none", description="SchED threshold schedule; none disables the early exit"
     )
     # defaults chosen on the addition model's tuning questions (seed 99, not the bench's)
-    exit_tau_high: float = Field(6.0, ge=-MAX_MARGIN, le=MAX_MARGIN, description="logit-margin threshold at the block's first step")
+    exit_tau_high: float = Field(
+        6.0, ge=-MAX_MARGIN, le=MAX_MARGIN, description="logit-margin threshold at the block's first step"
+    )
     exit_tau_low: float = Field(2.0, ge=-MAX_MARGIN, le=MAX_MARGIN, description="threshold at the block's last step")
-    exit_rate: float = Field(3.0, gt=0, le=1000, description="exponential schedule: tau_low + (high - low) * exp(-rate * t/T)")
+    exit_rate: float = Field(
+        3.0, gt=0, le=1000, description="exponential schedule: tau_low + (high - low) * exp(-rate * t/T)"
+    )
 
     @model_validator(mode="after")
     def _thresholds_fall(self):

@@ -31,9 +31,15 @@ class EchoParams(PolicyParams):
     lowest_group_confidence: bool = Field(True, description="select the lowest-group-confidence criterion")
     tail_decline: bool = Field(True, description="select the tail-decline criterion")
     entropy_spike: bool = Field(True, description="select the entropy-spike criterion")
-    min_group_confidence: float = Field(0.4, ge=0, le=MAX_SIGNAL, description="stop when the running minimum group confidence is below")
-    tail_max: float = Field(1.0, ge=0, le=MAX_SIGNAL, description="tail decline stops only at or below this tail confidence")
-    spike_min: float = Field(0.5, ge=-MAX_SIGNAL, le=MAX_SIGNAL, description="entropy spike stops only above this entropy rise")
+    min_group_confidence: float = Field(
+        0.4, ge=0, le=MAX_SIGNAL, description="stop when the running minimum group confidence is below"
+    )
+    tail_max: float = Field(
+        1.0, ge=0, le=MAX_SIGNAL, description="tail decline stops only at or below this tail confidence"
+    )
+    spike_min: float = Field(
+        0.5, ge=-MAX_SIGNAL, le=MAX_SIGNAL, description="entropy spike stops only above this entropy rise"
+    )
     run_length: int = Field(3, ge=1, le=64, description="consecutive declines (or rises) that count")
     window_size: int = Field(16, ge=1, le=65536, description="tokens per group-confidence window")
     top_k: int = Field(5, ge=1, le=64, description="top-k log-probabilities per token confidence")

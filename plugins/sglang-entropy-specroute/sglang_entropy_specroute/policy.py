@@ -29,7 +29,9 @@ class TapsParams(PolicyParams):
     confidence: Literal["token", "path"] = Field(
         "token", description="token: mean of exp(log-prob) per drafted token; path: mean of exp(cumulative log-prob)"
     )
-    drafter: int | None = Field(None, ge=0, le=255, description="always route to this drafter (benchmarks); None: choose")
+    drafter: int | None = Field(
+        None, ge=0, le=255, description="always route to this drafter (benchmarks); None: choose"
+    )
 
     @model_validator(mode="after")
     def _drafter_exists(self, info: ValidationInfo):
