@@ -11,7 +11,7 @@ import annotated_types
 import pluggy
 
 from sglang_entropy import hookspecs
-from sglang_entropy.types import PolicyParams, PolicySpec
+from sglang_entropy.types import BranchParams, GroupParams, PolicyParams, PolicySpec
 
 ENTRY_POINT_GROUP = "sglang_entropy.policies"
 
@@ -19,6 +19,7 @@ ENTRY_POINT_GROUP = "sglang_entropy.policies"
 @dataclass(frozen=True)
 class InstalledPolicy:
     spec: PolicySpec
+    policy: object  # the object that decides: the interface of spec.family (hookspecs)
     distribution: str | None
     version: str | None
 
@@ -32,18 +33,25 @@ class PolicyRegistry:
             dist = _distribution_of(plugin_manager, impl.plugin)
             impl.function(register=functools.partial(self._add, dist=dist))
 
-    def _add(self, spec: PolicySpec, dist=None) -> None:
+    def _add(self, spec: PolicySpec, policy: object, dist=None) -> None:
         check_params_model(spec)
+        check_policy_object(spec, policy)
         if spec.name in self._policies:
             other = self._policies[spec.name].distribution
             raise ValueError(f"policy {spec.name!r} is registered twice ({other} and {dist and dist.name})")
-        self._policies[spec.name] = InstalledPolicy(spec, dist.name if dist else None, dist.version if dist else None)
+        self._policies[spec.name] = InstalledPolicy(
+            spec, policy, dist.name if dist else None, dist.version if dist else None
+        )
 
     def names(self) -> list[str]:
         return sorted(self._policies)
 
     def get(self, name: str) -> InstalledPolicy:
         return self._policies[name]
+
+    def policy(self, name: str):
+        """The object that decides for policy ``name``."""
+        return self._policies[name].policy
 
     def __contains__(self, name: str) -> bool:
         return name in self._policies
@@ -59,6 +67,21 @@ class PolicyRegistry:
 # Bounds that fit the adapter's per-slot device buffers (int64 and float32) with room to compute.
 INT_LIMIT = 2**62
 FLOAT_LIMIT = 1e30
+
+
+def check_policy_object(spec: PolicySpec, policy: object) -> None:
+    """The policy object has its family's method, and group or branching policies declare the
+    parameters the adapter reads for them."""
+    where = f"policy {spec.name!r}"
+    if spec.family not in hookspecs.FAMILIES:
+        raise ValueError(f"{where}: unknown family {spec.family!r}; families: {sorted(hookspecs.FAMILIES)}")
+    method = hookspecs.REQUIRED_METHOD[spec.family]
+    if not callable(getattr(policy, method, None)):
+        raise ValueError(f"{where}: a {spec.family} policy object needs a {method}() method")
+    if spec.groups and not issubclass(spec.params, GroupParams):
+        raise ValueError(f"{where}: groups=True needs params that extend sglang_entropy.types.GroupParams")
+    if spec.branches and not issubclass(spec.params, BranchParams):
+        raise ValueError(f"{where}: branches=True needs params that extend sglang_entropy.types.BranchParams")
 
 
 def check_params_model(spec: PolicySpec) -> None:
@@ -125,6 +148,7 @@ def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
     plugin_manager.add_hookspecs(hookspecs)
     if load_entry_points:
         plugin_manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        plugin_manager.check_pending()  # an implementation of a hook the contract does not have
     return plugin_manager
 
 

@@ -13,6 +13,7 @@ from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, TypeAdapter, Val
 
 from sglang_entropy.registry import PolicyRegistry
 from sglang_entropy.signals import MAX_TOP_K, SIGNAL_NAMES
+from sglang_entropy.types import BranchParams, ConfidenceParams, TopKEntropyParams
 
 ENV_ENABLE = "SGLANG_ENTROPY_ENABLE"
 ENV_POLICIES = "SGLANG_ENTROPY_POLICIES"
@@ -218,9 +219,10 @@ class ServerSettings:
         elif request.params:
             raise EntropyRequestError(f"{prefix}.params: parameters given without a policy")
         signals = self.config.signals
-        confidence_k = getattr(params, "top_k", signals.confidence_top_k)
-        entropy_k = getattr(params, "entropy_top_k", signals.entropy_top_k)
-        window = getattr(params, "window_size", signals.window_size)
+        confidence = isinstance(params, ConfidenceParams)  # the policy's own signal settings win
+        confidence_k = params.top_k if confidence else signals.confidence_top_k
+        entropy_k = params.entropy_top_k if isinstance(params, TopKEntropyParams) else signals.entropy_top_k
+        window = params.window_size if confidence else signals.window_size
         for field, value, low, high in (
             ("top_k", confidence_k, 1, MAX_TOP_K),
             ("entropy_top_k", entropy_k, 2, MAX_TOP_K),
@@ -250,7 +252,7 @@ class ServerSettings:
                 f"sampling_params.n: {n} traces exceed this server's limit of {limit} per request "
                 "([limits] max_sequences)"
             )
-        wanted = getattr(params, "max_sequences", 1) if spec.branches else 1
+        wanted = params.max_sequences if isinstance(params, BranchParams) else 1
         if wanted > limit:
             raise EntropyRequestError(
                 f"{prefix}.params.max_sequences: {wanted} exceeds this server's limit of {limit} "

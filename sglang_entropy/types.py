@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class PolicyParams(BaseModel):
@@ -21,12 +21,55 @@ class PolicyParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+# Parameters the adapter itself reads. A policy that has them extends these models (and may
+# change their defaults); registration checks that group and branching policies do.
+
+
+class ConfidenceParams(PolicyParams):
+    """How the adapter computes the confidence signals of the policy's requests (instead of
+    the server's ``[signals]`` settings)."""
+
+    top_k: int = Field(20, ge=1, le=64, description="top-k log-probabilities per token confidence")
+    window_size: int = Field(2048, ge=1, le=65536, description="tokens per group-confidence window")
+
+
+class TopKEntropyParams(PolicyParams):
+    """How the adapter computes ``topk_entropy`` for the policy's requests."""
+
+    entropy_top_k: int = Field(20, ge=2, le=64, description="K of the renormalised top-K entropy")
+
+
+class GroupParams(PolicyParams):
+    """A policy registered with ``groups=True``: how the adapter forms and runs its groups."""
+
+    group_id: str | None = Field(
+        None, min_length=1, max_length=128, description="requests with the same group_id form one group"
+    )
+    warmup_traces: int = Field(
+        16, ge=0, le=4096, description="traces of a group that run first; the others wait for them to finish"
+    )
+    threshold: float | None = Field(
+        None, ge=-1e6, le=1e6, description="the group's decision threshold, reported with each trace"
+    )
+
+
+class BranchParams(PolicyParams):
+    """A policy registered with ``branches=True``: how many sequences the adapter may fork."""
+
+    max_sequences: int = Field(32, ge=1, le=256, description="sequences per request, the first included")
+    budget_group: str | None = Field(
+        None, min_length=1, max_length=128, description="requests naming the same group share one budget"
+    )
+    budget: int | None = Field(None, ge=1, le=65536, description="sequences all requests of budget_group may hold")
+
+
 @dataclass(frozen=True)
 class PolicySpec:
     """What a plugin registers: a policy's name, its parameters and what it may decide.
 
-    ``params`` is a ``PolicyParams`` model; a request's ``params`` are validated against it, so
-    a policy is only ever configured by data. Numeric fields (int, float, bool) are also kept
+    ``params`` is a ``PolicyParams`` model (a ``GroupParams`` for ``groups``, a
+    ``BranchParams`` for ``branches``); a request's ``params`` are validated against it, so a
+    policy is only ever configured by data. Numeric fields (int, float, bool) are also kept
     on the device, one value per request slot, and reach ``decode_step`` as ``step.params``.
     ``stop_reasons`` names the reasons a ``DecodeDecision.stop_reason`` indexes. ``signals``
     names the signals ``decode_step`` reads: entropy and varentropy cost extra passes over the
@@ -117,7 +160,6 @@ class TraceGroup:
     policy: str
     params: BaseModel  # the parameters of the request that opened the group
     finished: list[TraceSummary] = field(default_factory=list)
-    budget: int | None = None  # total traces (or tokens) the group may spend
     overrides: Mapping[str, Any] = field(default_factory=dict)  # parameters set by earlier GroupUpdates
 
 
@@ -127,7 +169,6 @@ class GroupUpdate:
 
     params: Mapping[str, Any] = field(default_factory=dict)  # parameter overrides, validated again
     stop_group: bool = False  # start no further traces (e.g. consensus reached)
-    budget: int | None = None  # new budget for this group (reallocation)
 
 
 @dataclass

@@ -42,11 +42,11 @@ def test_params_are_validated():
 def _denoise(params: ccd.CCDParams, logits_per_step: torch.Tensor, masked: torch.Tensor, steps: torch.Tensor):
     """Run the policy over [S, B, L, V] logits; returns the commit mask of every step."""
     batch, block = masked.shape
-    state = ccd.denoise_start(policy="ccd", batch_size=batch, block_size=block, params=params, device="cpu")
+    state = ccd.CCD().denoise_start(batch, block, params, "cpu")
     canvas, commits, traces = masked.clone(), [], []
     for logits in logits_per_step:
         step = DenoiseStep(logits, masked.clone(), canvas, steps.clone(), block + 1, params, state)
-        decision = ccd.unmask_step(policy="ccd", step=step)
+        decision = ccd.CCD().unmask_step(step)
         commit = (decision.commit | decision.exit[:, None]) & masked
         commit = dllm._ensure_progress(commit, masked, logits)
         commits.append(commit)
@@ -88,9 +88,9 @@ def test_rows_at_different_steps_follow_their_own_progress():
     logits = torch.zeros(2, 4, 3)
     logits[..., 0] = 1.0  # margin 1 everywhere
     masked = torch.ones(2, 4, dtype=torch.bool)
-    state = ccd.denoise_start(policy="ccd", batch_size=2, block_size=4, params=params, device="cpu")
+    state = ccd.CCD().denoise_start(2, 4, params, "cpu")
     steps = torch.tensor([0, 5])  # tau(0) = 100, tau(5/5) = 0
-    decision = ccd.unmask_step(policy="ccd", step=DenoiseStep(logits, masked, masked, steps, 5, params, state))
+    decision = ccd.CCD().unmask_step(DenoiseStep(logits, masked, masked, steps, 5, params, state))
     assert decision.exit.tolist() == [False, True]
 
 
@@ -169,10 +169,10 @@ def test_a_failing_policy_finishes_the_block_and_is_reported():
     batch = SimpleNamespace(batch_size=1, input_ids=input_ids, dllm_prompt_mask=None)
     states = algorithm.init_step_state(batch)
 
-    def broken(**_):
+    def broken(step):
         raise ZeroDivisionError("boom")
 
-    algorithm.registry = SimpleNamespace(hook=SimpleNamespace(unmask_step=broken))
+    algorithm.registry = SimpleNamespace(policy=lambda name: SimpleNamespace(unmask_step=broken))
     logits = torch.randn(4, MASK + 1, generator=torch.Generator().manual_seed(0))
     logits[:, MASK] = -torch.inf  # a model never predicts the mask token
     algorithm.step(batch, logits, states)

@@ -52,7 +52,12 @@ def collected_hooks() -> list[tuple[str, str, object, HookType]]:
     # Registered inside sglang_entropy.adapter.load(), which has no module-level list of them.
     hooks += [
         ("sglang_entropy.adapter.load", "sglang.srt.server_args.ServerArgs.add_cli_args", add_flags, HookType.AFTER),
-        ("sglang_entropy.adapter.load", "sglang.srt.server_args.ServerArgs.__post_init__", check_launch, HookType.AFTER),
+        (
+            "sglang_entropy.adapter.load",
+            "sglang.srt.server_args.ServerArgs.__post_init__",
+            check_launch,
+            HookType.AFTER,
+        ),
     ]
     # PortableCpuPlatform.init_backend registers spec_requests.HOOK as AFTER ...
     hooks.append(("sglang_entropy.platform.spec_requests.HOOK", *spec_requests.HOOK, HookType.AFTER))
@@ -104,8 +109,9 @@ def test_the_collected_hooks_are_exactly_the_ones_registered(monkeypatch):
     """Runs the registering code itself (the adapter's load()/activate() with the adapter
     enabled, the platform's init_backend()) against an empty registry with apply_hooks()
     switched off, so a registration added anywhere without being collected above fails here."""
-    import sglang_entropy.adapter as adapter
     from sglang.srt.layers.attention import attention_registry
+
+    import sglang_entropy.adapter as adapter
     from sglang_entropy.platform import spec_kernels
     from sglang_entropy.platform.portable_cpu import PortableCpuPlatform
     from sglang_entropy.settings import ENV_ENABLE

@@ -166,7 +166,7 @@ def test_registration_refuses_parameters_a_request_could_overflow(params, proble
     class Plugin:
         @hookimpl
         def register_policies(self, register):
-            register(PolicySpec(name="loose", params=params))
+            register(PolicySpec(name="loose", params=params), SimpleNamespace(decode_step=print))
 
     manager = make_plugin_manager(load_entry_points=False)
     manager.register(Plugin())

@@ -46,32 +46,33 @@ class Params(PolicyParams):
     limit: float = Field(1.0, ge=0, le=100)
 
 
+class Cap:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def decode_step(self, step):
+        if self.name == "broken":
+            raise RuntimeError("boom")
+        above = step.signals["entropy"] > step.params["limit"]
+        return DecodeDecision(
+            stop=above,
+            stop_reason=(step.signals["entropy"] > 2 * step.params["limit"]).long(),
+            event_values={"limit": step.params["limit"]},
+        )
+
+    def request_start(self, request, state):
+        self.log.started.append((self.name, request.slot))
+
+    def request_end(self, request, reason, state):
+        self.log.ended.append((self.name, request.rid, reason))
+
+
 class Plugin:
     @hookimpl
     def register_policies(self, register):
-        register(PolicySpec(name="cap", params=Params, stop_reasons=("above", "far_above"), signals=("entropy",)))
-        register(PolicySpec(name="broken", params=Params, signals=("confidence",)))
-
-    @hookimpl
-    def decode_step(self, policy, step):
-        if policy == "broken":
-            raise RuntimeError("boom")
-        if policy == "cap":
-            above = step.signals["entropy"] > step.params["limit"]
-            return DecodeDecision(
-                stop=above,
-                stop_reason=(step.signals["entropy"] > 2 * step.params["limit"]).long(),
-                event_values={"limit": step.params["limit"]},
-            )
-        return None
-
-    @hookimpl
-    def request_start(self, policy, request, state):
-        self.started.append((policy, request.slot))
-
-    @hookimpl
-    def request_end(self, policy, request, reason, state):
-        self.ended.append((policy, request.rid, reason))
+        spec = PolicySpec(name="cap", params=Params, stop_reasons=("above", "far_above"), signals=("entropy",))
+        register(spec, Cap("cap", self))
+        register(PolicySpec(name="broken", params=Params, signals=("confidence",)), Cap("broken", self))
 
 
 @pytest.fixture
@@ -120,7 +121,7 @@ def test_stop_decision_finishes_exactly_that_request_with_its_reason(runtime, pl
     watcher = FakeReq("watcher", 3, {"return_signals": ["confidence"]})
     for req in (calm, wild, watcher):
         runtime.start(req)
-    assert plugin.started == [("cap", 1), ("cap", 2)]
+    assert plugin.started == [("cap", 1), ("cap", 2)]  # the watcher has no policy
     run_step(runtime, [calm, wild, watcher], one_hot_logits([True, False, False]))
     assert calm.finished_reason is None and watcher.finished_reason is None
     reason = wild.finished_reason.to_json()
@@ -201,16 +202,20 @@ def test_a_failure_while_starting_a_request_ends_it_and_frees_its_slot(runtime, 
     assert other.finished_reason is None
 
 
-def test_a_stop_reason_the_policy_never_registered_fails_only_its_request(runtime):
+def test_a_stop_reason_the_policy_never_registered_fails_only_its_request(monkeypatch):
     class BadReason:
+        def decode_step(self, step):
+            return DecodeDecision(stop=step.mask, stop_reason=torch.full_like(step.slots, 9))
+
+    class Plugin:
         @hookimpl
-        def decode_step(self, policy, step):
-            if policy == "cap":
-                return DecodeDecision(stop=step.mask, stop_reason=torch.full_like(step.slots, 9))
+        def register_policies(self, register):
+            register(PolicySpec(name="cap", params=Params, stop_reasons=("above",)), BadReason())
 
     manager = make_plugin_manager(load_entry_points=False)
-    manager.register(BadReason())
-    runtime.registry.hook = manager.hook
+    manager.register(Plugin())
+    runtime = rt.EntropyRuntime(8, torch.device("cpu"), ServerSettings.from_env({}), PolicyRegistry(manager))
+    monkeypatch.setattr(rt, "_RUNTIME", runtime)
     req = FakeReq("r", 1, {"policy": "cap"})
     runtime.start(req)
     run_step(runtime, [req], one_hot_logits([False]))

@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -70,7 +71,7 @@ def test_policy_not_enabled_at_launch_is_refused():
     class OtherPolicy:
         @hookimpl
         def register_policies(self, register):
-            register(PolicySpec(name="other", params=PolicyParams))
+            register(PolicySpec(name="other", params=PolicyParams), SimpleNamespace(decode_step=print))
 
     manager = make_plugin_manager()
     manager.register(OtherPolicy())

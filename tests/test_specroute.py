@@ -48,7 +48,7 @@ def test_the_chosen_drafter_has_the_highest_confidence(case):
         logprobs=logprobs,
         params=encode([{"confidence": f} for f in forms]),
     )
-    decision = taps.route_drafts(policy="taps", proposals=proposals)
+    decision = taps.Taps().route_drafts(proposals)
     assert isinstance(decision, RouteDecision) and decision.drafter.dtype == torch.int64
     for b in range(batch):
         expected = [python_confidence(logprobs[d, b].tolist(), forms[b]) for d in range(num_drafters)]
@@ -118,10 +118,6 @@ def test_params_are_validated():
         taps.TapsParams.model_validate({"drafter": -1})
     with pytest.raises(ValueError):
         taps.TapsParams.model_validate({"unknown": 1})
-
-
-def test_other_policies_are_not_answered():
-    assert taps.route_drafts(policy="deepconf", proposals=proposals_with(LOGPROBS, [{}, {}])) is None
 
 
 def test_a_drafter_index_is_checked_against_the_server():

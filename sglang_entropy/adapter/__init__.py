@@ -57,6 +57,10 @@ def activate() -> None:
     if _activated:
         return
     _activated = True
+    # Resolving our targets imports model_runner (via sglang.srt.dllm.algorithm), and importing
+    # it runs the platform's init_backend(), which on portable_cpu applies the registered hooks
+    # while ModelRunner is still undefined. Import it before registering hooks on ModelRunner.
+    import sglang.srt.model_executor.model_runner  # noqa: F401
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     from sglang_entropy.adapter import branching, dllm, frontend, scheduler, speculative

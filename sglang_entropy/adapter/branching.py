@@ -21,6 +21,7 @@ from sglang.srt.plugins.hook_registry import HookType
 
 from sglang_entropy.adapter.protocol import entropy_field, policy_failure
 from sglang_entropy.settings import ServerSettings
+from sglang_entropy.types import BranchParams
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +113,11 @@ def _fork_row(req, row, runtime) -> None:
     root = _ROOT.get(req.rid)
     if record is None or recv is None or root not in _SIZE:
         return
-    cap = getattr(record.resolved.params, "max_sequences", 1)
-    width = min(int(row["branch_width"]), cap - _SIZE[root])
-    group = getattr(record.resolved.params, "budget_group", None)
+    params = record.resolved.params
+    if not isinstance(params, BranchParams):  # only policies registered with branches=True fork
+        return
+    width = min(int(row["branch_width"]), params.max_sequences - _SIZE[root])
+    group = params.budget_group
     if group is not None:
         width = min(width, _POOLS.get(group, 0))
     if width <= 0:

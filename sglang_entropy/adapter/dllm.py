@@ -61,9 +61,8 @@ def _algorithm_class(algorithm_name: str, policy: str):
         def init_step_state(self, forward_batch):
             device = forward_batch.input_ids.device
             batch_size = forward_batch.batch_size
-            state = self.registry.hook.denoise_start(
-                policy=self.policy, batch_size=batch_size, block_size=self.block_size, params=self.params, device=device
-            )
+            start = getattr(self.registry.policy(self.policy), "denoise_start", None)
+            state = start(batch_size, self.block_size, self.params, device) if start else None
             state = state or {}
             return [
                 BlockState.fresh({k: v[row] for k, v in state.items()}, self.block_size, device)
@@ -106,7 +105,7 @@ def _algorithm_class(algorithm_name: str, policy: str):
             )
             no_exit = torch.zeros_like(masked[:, 0])
             try:
-                decision = self.registry.hook.unmask_step(policy=self.policy, step=step)
+                decision = self.registry.policy(self.policy).unmask_step(step)
                 commit = decision.commit & masked
                 exit_now = no_exit if decision.exit is None else decision.exit & masked.any(dim=1)
                 trace = dict(decision.trace)

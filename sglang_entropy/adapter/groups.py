@@ -44,7 +44,7 @@ NOT_STARTED = "the group was stopped before this trace started"
 class Group:
     def __init__(self, group_id: str, policy: str, params):
         self.view = TraceGroup(group_id=group_id, policy=policy, params=params)
-        self.warmup = getattr(params, "warmup_traces", 0) or 0
+        self.warmup = params.warmup_traces
         self.warmup_started = 0
         self.warmup_done = 0
         self.stopped = False
@@ -114,7 +114,7 @@ def _admit_name(in_use: bool, limits: Limits, field: str) -> None:
 async def budget_group(obj, options: ResolvedRequest, scope: str, limits: Limits):
     """A branching request that names a ``budget_group``: the scheduler keys the shared budget
     by the client-scoped name, which replaces the client's name in the request sent to it."""
-    name = getattr(options.params, "budget_group", None)
+    name = options.params.budget_group
     if name is None:
         yield
         return
@@ -140,7 +140,7 @@ def forms_group(options: ResolvedRequest | None, n: int) -> bool:
     if options is None or options.policy is None:
         return False
     spec = installed_policies().get(options.policy).spec
-    return spec.groups and (n > 1 or getattr(options.params, "group_id", None) is not None)
+    return spec.groups and (n > 1 or options.params.group_id is not None)
 
 
 def check_group_form(stream: bool, single_prompt: bool) -> None:
@@ -166,7 +166,7 @@ async def run(original, tokenizer_manager, obj, request, options: ResolvedReques
     registry = installed_policies()
     params = options.params
     request_rid = obj.rid if isinstance(obj.rid, str) else uuid.uuid4().hex
-    group_id = getattr(params, "group_id", None)
+    group_id = params.group_id
     if group_id is not None:
         group = _named_group(scoped_name(scope, group_id), group_id, options.policy, params, settings.config.limits)
     else:
@@ -185,7 +185,8 @@ async def run(original, tokenizer_manager, obj, request, options: ResolvedReques
         await asyncio.gather(*tasks, return_exceptions=True)
         _REQUESTS.pop(request_rid, None)
         group.requests -= 1
-    vote = registry.hook.group_vote(policy=options.policy, group=group.view)
+    vote_of = getattr(registry.policy(options.policy), "group_vote", None)
+    vote = vote_of(group.view) if vote_of else None
     for output in outputs:
         output["meta_info"]["entropy"]["group"]["vote"] = dataclasses.asdict(vote) if vote is not None else None
     yield outputs if n > 1 else outputs[0]
@@ -197,7 +198,7 @@ def abort(original, tokenizer_manager, rid: str = "", abort_all: bool = False):
     if entry is None:
         return original(tokenizer_manager, rid=rid, abort_all=abort_all)
     group, rids = entry
-    if getattr(group.view.params, "group_id", None) is None:  # the request's own group: start nothing more
+    if group.view.params.group_id is None:  # the request's own group: start nothing more
         group.stopped = True
     for trace_rid in rids:
         original(tokenizer_manager, rid=trace_rid)
@@ -250,7 +251,8 @@ async def _run_trace(original, tokenizer_manager, obj, request, options, group: 
                 warmup=role == "warmup",
             )
             group.view.finished.append(summary)
-            update = registry.hook.group_trace_finished(policy=options.policy, group=group.view, trace=summary)
+            finished = getattr(registry.policy(options.policy), "group_trace_finished", None)
+            update = finished(group.view, summary) if finished else None
             if update is not None:
                 _apply(update, group, options, tokenizer_manager)
     finally:
@@ -276,8 +278,6 @@ def _apply(update, group: Group, options: ResolvedRequest, tokenizer_manager) ->
         spec = installed_policies().get(options.policy).spec
         spec.params.model_validate({**options.params.model_dump(exclude_none=True), **overrides})
         group.view.overrides = overrides
-    if update.budget is not None:
-        group.view.budget = update.budget
     if update.stop_group and not group.stopped:
         group.stopped = True
         logger.info("group %s stopped; aborting its %d running traces", group.view.group_id, len(group.running))

@@ -35,7 +35,7 @@ from sglang_entropy.adapter.protocol import (
 from sglang_entropy.registry import PolicyRegistry, installed_policies
 from sglang_entropy.settings import ResolvedRequest, ServerSettings
 from sglang_entropy.signals import FULL_VOCAB_SIGNALS, SIGNAL_NAMES, GroupConfidenceWindows, Workspace, token_signals
-from sglang_entropy.types import DecodeStep, RequestInfo
+from sglang_entropy.types import DecodeStep, GroupParams, RequestInfo
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ class EntropyRuntime:
                 if dtype is not None:
                     buffers[field_name] = zeros(dtype)
             self.params.append(buffers)
-            self.state.append(registry.hook.init_state(policy=name, num_slots=num_slots, device=device) or {})
+            init_state = getattr(registry.policy(name), "init_state", None)
+            self.state.append((init_state(num_slots, device) if init_state else None) or {})
         self.records: dict[str, RequestRecord] = {}
         # Requests that left their slot since the last consume: SGLang frees a finished
         # request's slot before it hands us the request's last token.
@@ -175,12 +176,14 @@ class EntropyRuntime:
                 slot=slot,
                 policy=resolved.policy,
                 params=resolved.params,
-                group_id=getattr(resolved.params, "group_id", None),
+                group_id=resolved.params.group_id if isinstance(resolved.params, GroupParams) else None,
                 prompt_tokens=len(req.origin_input_ids),
             )
             self.active_per_policy[policy_index] += 1
             try:
-                self.registry.hook.request_start(policy=resolved.policy, request=info, state=self.state[policy_index])
+                start = getattr(self.registry.policy(resolved.policy), "request_start", None)
+                if start:
+                    start(info, self.state[policy_index])
             except Exception as e:
                 logger.exception("policy %s failed to start request %s", resolved.policy, req.rid)
                 req.to_finish = policy_failure(resolved.policy, e)
@@ -201,13 +204,10 @@ class EntropyRuntime:
         self.policy_index[record.slot] = -1
         if record.info is not None:
             self.active_per_policy[record.policy_index] -= 1
+            end = getattr(self.registry.policy(record.info.policy), "request_end", None)
             try:
-                self.registry.hook.request_end(
-                    policy=record.info.policy,
-                    request=record.info,
-                    reason=_end_reason(req),
-                    state=self.state[record.policy_index],
-                )
+                if end:
+                    end(record.info, _end_reason(req), self.state[record.policy_index])
             except Exception:  # the slot is released either way; SGLang must not see this
                 logger.exception("policy %s failed to end request %s", record.info.policy, req.rid)
 
@@ -246,7 +246,7 @@ class EntropyRuntime:
                 logits=logits,
             )
             try:
-                decision = self.registry.hook.decode_step(policy=name, step=step)
+                decision = self.registry.policy(name).decode_step(step)
             except Exception as e:  # fail this policy's requests, not the server
                 logger.exception("policy %s raised in decode_step", name)
                 failures[index] = e

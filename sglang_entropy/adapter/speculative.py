@@ -105,7 +105,7 @@ class Router:
                 params={k: torch.tensor([states[i].params[k] for i in rows], device=device) for k in names},
                 previous=torch.tensor([states[i].previous for i in rows], dtype=torch.int64, device=device),
             )
-            decision = self.registry.hook.route_drafts(policy=policy, proposals=proposals)
+            decision = self.registry.policy(policy).route_drafts(proposals)
             if not isinstance(decision, RouteDecision):
                 raise TypeError(
                     f"policy {policy!r}: route_drafts returned {type(decision).__name__}, not RouteDecision"

@@ -14,25 +14,19 @@ from pydantic import Field, ValidationInfo, model_validator
 
 from sglang_entropy import hookimpl
 from sglang_entropy.settings import SAMPLING_EPS
-from sglang_entropy.types import DecodeDecision, DecodeStep, PolicyParams, PolicySpec
+from sglang_entropy.types import BranchParams, DecodeDecision, DecodeStep, PolicySpec, TopKEntropyParams
 
 NAME = "eager"
 
 
-class EagerParams(PolicyParams):
+class EagerParams(TopKEntropyParams, BranchParams):
+    """``entropy_top_k``, ``max_sequences``, ``budget_group`` and ``budget`` as the contract declares them."""
+
     threshold: float = Field(2.4, ge=0, le=64, description="fork where the top-K entropy (at most log K) exceeds this")
-    entropy_top_k: int = Field(20, ge=2, le=64, description="K of the renormalised top-K entropy")
-    max_sequences: int = Field(32, ge=1, le=256, description="sequences per request, the first included")
     echo_width: bool = Field(
         False,
         description="fork clip(round(1 + 2(H - 1)/2.5 - (G - 1.2)/1.2), 1, 4) sequences (ECHO's width from "
         "entropy H and group confidence G) instead of one",
-    )
-    budget_group: str | None = Field(
-        None, min_length=1, max_length=128, description="requests naming the same group share one budget"
-    )
-    budget: int | None = Field(
-        None, ge=1, le=65536, description="sequences all requests of budget_group may hold together"
     )
 
     @model_validator(mode="after")
@@ -76,12 +70,13 @@ def register_policies(register):
             stop_reasons=(),
             signals=("topk_entropy", "entropy", "group_confidence"),
             branches=True,
-        )
+        ),
+        Eager(),
     )
 
 
-@hookimpl
-def decode_step(policy, step):
-    if policy != NAME:
-        return None
-    return eager_branch(step)
+class Eager:
+    """The ``DecodePolicy``: a branch width per row, carried out by the adapter."""
+
+    def decode_step(self, step: DecodeStep) -> DecodeDecision:
+        return eager_branch(step)

@@ -92,14 +92,22 @@ def register_policies(register):
             family="dllm",
             dllm_algorithm=ALGORITHM,
             signals=(),
-        )
+        ),
+        CCD(),
     )
 
 
-@hookimpl
-def denoise_start(policy, batch_size, block_size, params, device):
-    if policy != POLICY:
-        return None
+class CCD:
+    """The ``UnmaskPolicy`` SGLang runs for ``--dllm-algorithm CCD``."""
+
+    def denoise_start(self, batch_size, block_size, params, device):
+        return denoise_buffers(batch_size, block_size, device)
+
+    def unmask_step(self, step: DenoiseStep) -> UnmaskDecision:
+        return ccd_unmask(step)
+
+
+def denoise_buffers(batch_size: int, block_size: int, device) -> dict[str, torch.Tensor]:
     return {
         "candidates": torch.zeros(batch_size, block_size, dtype=torch.bool, device=device),  # C_{t-1}
         "tokens": torch.full((batch_size, block_size), -1, dtype=torch.int64, device=device),  # argmax at t-1
@@ -107,10 +115,7 @@ def denoise_start(policy, batch_size, block_size, params, device):
     }
 
 
-@hookimpl
-def unmask_step(policy, step: DenoiseStep):
-    if policy != POLICY:
-        return None
+def ccd_unmask(step: DenoiseStep) -> UnmaskDecision:
     params: CCDParams = step.params
     logits = step.logits.float()  # [B, L, V]
     masked, state = step.masked, step.state  # [B, L]

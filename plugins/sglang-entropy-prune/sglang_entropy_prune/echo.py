@@ -18,7 +18,7 @@ import torch
 from pydantic import Field, model_validator
 
 from sglang_entropy import hookimpl
-from sglang_entropy.types import DecodeDecision, DecodeStep, PolicyParams, PolicySpec
+from sglang_entropy.types import ConfidenceParams, DecodeDecision, DecodeStep, PolicySpec
 
 NAME = "echo"
 TAIL_TOKENS = 8  # tail confidence: mean c over the last 8 steps
@@ -27,7 +27,7 @@ STOP_REASONS = ("lowest_group_confidence", "tail_decline", "entropy_spike")
 MAX_SIGNAL = 1e6  # confidences and entropies are >= 0 and finite in practice
 
 
-class EchoParams(PolicyParams):
+class EchoParams(ConfidenceParams):
     lowest_group_confidence: bool = Field(True, description="select the lowest-group-confidence criterion")
     tail_decline: bool = Field(True, description="select the tail-decline criterion")
     entropy_spike: bool = Field(True, description="select the entropy-spike criterion")
@@ -137,25 +137,19 @@ def register_policies(register):
             description="ECHO pruning criteria online: lowest group confidence, tail decline, entropy spike",
             stop_reasons=STOP_REASONS,
             signals=("entropy", "confidence", "group_confidence"),
-        )
+        ),
+        Echo(),
     )
 
 
-@hookimpl
-def init_state(policy, num_slots, device):
-    if policy != NAME:
-        return None
-    return init_buffers(num_slots, device)
+class Echo:
+    """The ``DecodePolicy``: ECHO's criteria over per-slot running statistics."""
 
+    def init_state(self, num_slots, device):
+        return init_buffers(num_slots, device)
 
-@hookimpl
-def request_start(policy, request, state):
-    if policy == NAME:
+    def request_start(self, request, state):
         reset_slot(state, request.slot)
 
-
-@hookimpl
-def decode_step(policy, step):
-    if policy != NAME:
-        return None
-    return echo_stop(step)
+    def decode_step(self, step: DecodeStep) -> DecodeDecision:
+        return echo_stop(step)

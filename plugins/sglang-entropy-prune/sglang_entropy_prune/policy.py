@@ -12,10 +12,11 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from sglang_entropy import hookimpl
 from sglang_entropy.types import (
+    ConfidenceParams,
     DecodeDecision,
     DecodeStep,
+    GroupParams,
     GroupUpdate,
-    PolicyParams,
     PolicySpec,
     TraceGroup,
     TraceSummary,
@@ -28,10 +29,9 @@ MAX_CONFIDENCE = 1e6  # token confidence is -mean log p of the top k: >= 0, and 
 MAX_TRACES = 4096
 
 
-class DeepConfParams(PolicyParams):
-    group_id: str | None = Field(
-        None, min_length=1, max_length=128, description="requests with the same group_id form one group"
-    )
+class DeepConfParams(GroupParams, ConfidenceParams):
+    """``group_id``, ``warmup_traces``, ``window_size`` and ``top_k`` as the contract declares them."""
+
     threshold: float | None = Field(
         None,
         ge=0,
@@ -39,14 +39,6 @@ class DeepConfParams(PolicyParams):
         validate_default=True,
         description="stop when the full window's mean confidence falls below this; "
         "leave it out to calibrate it from a group's warm-up traces",
-    )
-    window_size: int = Field(2048, ge=1, le=65536, description="tokens per group-confidence window")
-    top_k: int = Field(20, ge=1, le=64, description="top-k log-probabilities per token confidence")
-    warmup_traces: int = Field(
-        16,
-        ge=0,
-        le=MAX_TRACES,
-        description="traces of a group that run in full to calibrate the threshold (0 with a fixed threshold)",
     )
     percentile: float = Field(
         90,
@@ -122,27 +114,20 @@ def register_policies(register):
             stop_reasons=("low_group_confidence",),
             signals=("confidence", "group_confidence"),
             groups=True,
-        )
+        ),
+        DeepConf(),
     )
 
 
-@hookimpl
-def decode_step(policy, step):
-    if policy != NAME:
-        return None
-    return deepconf_stop(step)
+class DeepConf:
+    """The ``DecodePolicy``: the online stop on the device, calibration and voting per group."""
 
+    def decode_step(self, step: DecodeStep) -> DecodeDecision:
+        return deepconf_stop(step)
 
-@hookimpl
-def group_trace_finished(policy, group, trace):
-    if policy != NAME:
-        return None
-    return trace_finished(group, trace)
+    def group_trace_finished(self, group: TraceGroup, trace: TraceSummary) -> GroupUpdate:
+        return trace_finished(group, trace)
 
-
-@hookimpl
-def group_vote(policy, group):
-    if policy != NAME:
-        return None
-    result = group_vote_of(group)
-    return Vote(answer=result.weighted, support=result.weighted_support, tallies=result.tallies)
+    def group_vote(self, group: TraceGroup) -> Vote:
+        result = group_vote_of(group)
+        return Vote(answer=result.weighted, support=result.weighted_support, tallies=result.tallies)

@@ -89,12 +89,13 @@ def register_policies(register):
             description="verify the draft of the most confident drafter (TAPS); needs a server with --entropy-drafters",
             family="speculative",
             signals=(),
-        )
+        ),
+        Taps(),
     )
 
 
-@hookimpl
-def route_drafts(policy, proposals):
-    if policy != NAME:
-        return None
-    return route(proposals)
+class Taps:
+    """The ``RoutePolicy``: route each row to its most confident drafter."""
+
+    def route_drafts(self, proposals: DraftProposals) -> RouteDecision:
+        return route(proposals)
