@@ -18,7 +18,7 @@ import sglang as sgl
 from sglang.lang.chat_template import get_chat_template
 from sglang_entropy_prune.voting import traces_from_outputs, vote
 
-from sglang_entropy.client import EntropyEndpoint
+from sglang_entropy.tools.client import EntropyEndpoint
 
 
 @sgl.function

@@ -19,7 +19,6 @@ ENV_ENABLE = "SGLANG_ENTROPY_ENABLE"
 ENV_POLICIES = "SGLANG_ENTROPY_POLICIES"
 ENV_CONFIG = "SGLANG_ENTROPY_CONFIG"
 ENV_DRAFTERS = "SGLANG_ENTROPY_DRAFTERS"  # comma-separated drafter model paths (--entropy-drafters)
-DEFAULT_ROUTING_POLICY = "taps"  # routes the requests of a drafter server that name no policy
 REQUEST_KEY = "entropy"  # sampling_params.custom_params["entropy"]
 SAMPLING_EPS = 1e-6  # SGLang samples greedily below this temperature (sglang.srt.sampling.sampling_params)
 MAX_PROBLEMS = 5  # an error message lists this many validation problems, then a count
@@ -130,6 +129,8 @@ class ServerSettings:
         """Everything a launch can check before the model loads (raises ValueError): the
         enabled policies are installed and the config's default parameters are valid."""
         self.enabled_policies(registry)
+        if self.drafters:
+            self.default_routing_policy(registry)
         for policy, defaults in self.config.policies.items():
             where = f"--entropy-config: policies.{policy}"
             if policy not in registry:
@@ -143,6 +144,17 @@ class ServerSettings:
                     TypeAdapter(field_type).validate_python(value)
                 except ValidationError as e:
                     raise ValueError(describe_errors(e, f"{where}.{name}")) from None
+
+    def default_routing_policy(self, registry: PolicyRegistry) -> str:
+        """The policy that routes the requests of a drafter server that name none: the first
+        enabled policy of family "speculative" (in ``--entropy-policies`` order)."""
+        enabled = self.enabled_policies(registry)
+        routing = [name for name in enabled if registry.get(name).spec.family == "speculative"]
+        if not routing:
+            raise ValueError(
+                f"--entropy-drafters needs an enabled routing policy (family 'speculative'); enabled: {enabled}"
+            )
+        return routing[0]
 
     def enabled_policies(self, registry: PolicyRegistry) -> list[str]:
         if self.allowed_policies is None:

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from sglang_entropy import server as sglang_server
-from sglang_entropy.model import build_default_model
+from sglang_entropy.tools import server as sglang_server
+from sglang_entropy.tools.model import build_default_model
 
 
 def pytest_configure(config):

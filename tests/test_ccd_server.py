@@ -8,7 +8,7 @@ import requests
 import yaml
 from sglang_entropy_ccd.model import addition_problem, ensure_model
 
-from sglang_entropy import server as sglang_server
+from sglang_entropy.tools import server as sglang_server
 from tests.ccd_reference import check_trace
 
 pytestmark = pytest.mark.server

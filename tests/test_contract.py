@@ -97,7 +97,10 @@ def test_installed_policy_is_discovered_through_its_entry_point():
 
 def test_plugins_command_lists_policies_with_schema():
     out = subprocess.run(
-        [sys.executable, "-m", "sglang_entropy.cli", "plugins", "--json"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "sglang_entropy.tools.cli", "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     listed = {p["name"]: p for p in json.loads(out)}
     assert listed["deepconf"]["package"] == "sglang-entropy-prune"

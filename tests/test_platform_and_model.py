@@ -1,6 +1,7 @@
 import pytest
 
-from sglang_entropy import model, platform
+from sglang_entropy import platform
+from sglang_entropy.tools import model
 
 
 def test_cpu_platform_activates_only_when_selected(monkeypatch):

@@ -238,7 +238,7 @@ def test_frontend_program_runs_a_group_and_votes(entropy_server):
     import sglang as sgl
     from sglang.lang.chat_template import get_chat_template
 
-    from sglang_entropy.client import EntropyEndpoint
+    from sglang_entropy.tools.client import EntropyEndpoint
 
     program = runpy.run_path("examples/deepconf_vote.py")
     backend = EntropyEndpoint(entropy_server.url)

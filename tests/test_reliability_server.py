@@ -15,8 +15,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sglang_entropy import server as sglang_server
 from sglang_entropy.registry import installed_policies
+from sglang_entropy.tools import server as sglang_server
 from tests.test_prune_server import entropy_state, used_tokens
 
 pytestmark = pytest.mark.server

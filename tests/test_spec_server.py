@@ -9,7 +9,7 @@ a decode step does (tests/test_spec_attention.py), so the texts must be identica
 import pytest
 import requests
 
-from sglang_entropy import server as sglang_server
+from sglang_entropy.tools import server as sglang_server
 
 pytestmark = pytest.mark.server
 

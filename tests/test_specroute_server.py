@@ -8,7 +8,7 @@ routing: whichever chain is verified, the committed tokens are the target's argm
 import pytest
 import requests
 
-from sglang_entropy import server as sglang_server
+from sglang_entropy.tools import server as sglang_server
 
 pytestmark = pytest.mark.server
 

@@ -15,7 +15,7 @@ from sglang.srt.plugins.hook_registry import HookType
 from sglang_entropy.adapter import branching, groups
 from sglang_entropy.adapter.protocol import entropy_field
 from sglang_entropy.registry import installed_policies
-from sglang_entropy.settings import DEFAULT_ROUTING_POLICY, EntropyRequestError, ResolvedRequest, ServerSettings
+from sglang_entropy.settings import EntropyRequestError, ResolvedRequest, ServerSettings
 
 
 @functools.cache
@@ -127,7 +127,7 @@ def generate_request(original, tokenizer_manager, obj, request=None):
                 if policy is None and tokenizer_manager.server_args.dllm_algorithm is not None:
                     policy = installed_policies().dllm_policies().get(tokenizer_manager.server_args.dllm_algorithm)
                 if routed and not _is_routing_policy(policy):
-                    policy = DEFAULT_ROUTING_POLICY
+                    policy = _settings().default_routing_policy(installed_policies())
                 shaped = entropy_field(item.get("meta_info", {}), policy, offsets.get(index, 0))
                 if shaped is not None:
                     item["meta_info"]["entropy"], end = shaped

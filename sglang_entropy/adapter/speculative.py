@@ -19,7 +19,7 @@ from sglang.srt.plugins.hook_registry import HookType
 
 from sglang_entropy.adapter.protocol import EVENTS_KEY, put_token_value
 from sglang_entropy.registry import PolicyRegistry, installed_policies
-from sglang_entropy.settings import DEFAULT_ROUTING_POLICY, ServerSettings
+from sglang_entropy.settings import ServerSettings
 from sglang_entropy.types import DraftProposals, RouteDecision
 
 logger = logging.getLogger(__name__)
@@ -59,16 +59,7 @@ class Router:
         self.registry = registry or installed_policies()
         self.settings = ServerSettings.from_env()
         self.drafter_names = drafter_names
-        speculative = [p.spec.name for p in self.registry if p.spec.family == "speculative"]
-        if DEFAULT_ROUTING_POLICY in speculative:
-            self.default_policy = DEFAULT_ROUTING_POLICY
-        elif len(speculative) == 1:
-            self.default_policy = speculative[0]
-        else:
-            raise ValueError(
-                f"--entropy-drafters needs a routing policy (family 'speculative'); installed: {speculative or 'none'}"
-                " (pip install plugins/sglang-entropy-specroute for 'taps')"
-            )
+        self.default_policy = self.settings.default_routing_policy(self.registry)
 
     def _state(self, req) -> RouteState:
         state = getattr(req, ROUTE_ATTR, None)

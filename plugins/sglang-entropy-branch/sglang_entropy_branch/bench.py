@@ -21,7 +21,7 @@ import requests
 from rich.console import Console
 from rich.table import Table
 
-from sglang_entropy.cli import bench_command
+from sglang_entropy.tools.commands import bench_command
 from sglang_entropy_branch.client import majority, sequences
 
 
@@ -57,8 +57,8 @@ def run_branch(args) -> int:
     from sglang_entropy_prune.voting import extract_answer
     from transformers import AutoTokenizer
 
-    from sglang_entropy import server as sglang_server
-    from sglang_entropy.model import build_default_model
+    from sglang_entropy.tools import server as sglang_server
+    from sglang_entropy.tools.model import build_default_model
 
     console = Console()
     if args.task == "gsm8k":

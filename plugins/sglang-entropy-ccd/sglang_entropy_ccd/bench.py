@@ -22,7 +22,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from sglang_entropy.cli import bench_command
+from sglang_entropy.tools.commands import bench_command
 from sglang_entropy_ccd.model import addition_problem, ensure_model
 
 
@@ -71,7 +71,7 @@ def denoise_nfe(entropy: dict) -> int:
 def run_ccd(args) -> int:
     from rich.progress import track
 
-    from sglang_entropy.server import launch
+    from sglang_entropy.tools.server import launch
 
     arms = arm_configs(args)
     model_path = args.model_path or ensure_model()

@@ -228,7 +228,7 @@ def build_model(out_dir: Path, config: TrainConfig = TrainConfig(), tokenizer_pa
     """Train the model and write it to ``out_dir`` (replaced). Returns the folder."""
     from transformers import AutoTokenizer
 
-    from sglang_entropy.model import build_default_model, default_model_path
+    from sglang_entropy.tools.model import build_default_model, default_model_path
 
     torch.set_num_threads(config.threads)
     if tokenizer_path is None:
@@ -249,7 +249,7 @@ def build_model(out_dir: Path, config: TrainConfig = TrainConfig(), tokenizer_pa
 
 
 def default_model_dir() -> Path:
-    from sglang_entropy.model import cache_dir
+    from sglang_entropy.tools.model import cache_dir
 
     return cache_dir() / MODEL_DIR_NAME
 

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from sglang_entropy.cli import bench_command
+from sglang_entropy.tools.commands import bench_command
 from sglang_entropy_prune.voting import extract_answer, normalize_number, traces_from_outputs, vote
 
 SYSTEM_PROMPTS = {
@@ -118,8 +118,8 @@ def run_prune(args) -> int:
     console = Console()
     from transformers import AutoTokenizer
 
-    from sglang_entropy import server as sglang_server
-    from sglang_entropy.model import build_default_model
+    from sglang_entropy.tools import server as sglang_server
+    from sglang_entropy.tools.model import build_default_model
 
     if args.task == "gsm8k":
         if args.data is None:

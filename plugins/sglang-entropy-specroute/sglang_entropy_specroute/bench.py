@@ -24,8 +24,8 @@ from pathlib import Path
 
 import requests
 
-from sglang_entropy.cli import bench_command
-from sglang_entropy.server import standalone_args
+from sglang_entropy.tools.commands import bench_command
+from sglang_entropy.tools.server import standalone_args
 from sglang_entropy_specroute.drafters import DOMAINS, default_drafters_dir, domain_prompts, prompt_ids
 
 TARGET_ALONE = "target alone"
@@ -72,8 +72,8 @@ def run_taps(args) -> int:
     from rich.progress import track
     from transformers import AutoTokenizer
 
-    from sglang_entropy.model import build_default_model
-    from sglang_entropy.server import launch
+    from sglang_entropy.tools.model import build_default_model
+    from sglang_entropy.tools.server import launch
 
     target = Path(args.model_path) if args.model_path else build_default_model()
     drafters = drafter_paths(args)

@@ -18,7 +18,7 @@ takes the first N of each split):
   shuffled with a fixed seed. Prompts 0-899 train, 900-999 validate, 1000 and beyond benchmark.
 
 Build everything with ``build_drafters()`` or ``python -m sglang_entropy_specroute.drafters``.
-The generated corpus is cached under ``sglang_entropy.model.cache_dir() / "specroute-corpus"``.
+The generated corpus is cached under ``sglang_entropy.tools.model.cache_dir() / "specroute-corpus"``.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def generate_sglang(
     """Greedy answers from the real SGLang server on this machine (faster than transformers on CPU)."""
     import requests
 
-    from sglang_entropy import server as sglang_server
+    from sglang_entropy.tools import server as sglang_server
 
     answers = []
     with sglang_server.launch(model_path, enable_entropy=False) as server:
@@ -267,7 +267,7 @@ def _model_fingerprint(model_path: Path) -> str:
 
 
 def corpus_path(domain: str, split: str, n: int, max_new_tokens: int, generator: str, model_path: Path) -> Path:
-    from sglang_entropy.model import cache_dir
+    from sglang_entropy.tools.model import cache_dir
 
     key = json.dumps([CORPUS_FORMAT, domain, split, n, max_new_tokens, generator, _model_fingerprint(model_path)])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -423,7 +423,7 @@ class BuildConfig:
 
 
 def default_drafters_dir() -> Path:
-    from sglang_entropy.model import cache_dir
+    from sglang_entropy.tools.model import cache_dir
 
     return cache_dir() / "specroute-drafters"
 
@@ -490,7 +490,7 @@ def build_drafters(
     untrained layer-skip init) with the target on every domain's held-out answers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sglang_entropy.model import build_default_model
+    from sglang_entropy.tools.model import build_default_model
 
     config = BuildConfig(**overrides)
     if out_dir is not None:

@@ -10,8 +10,8 @@ import requests
 from rich.console import Console
 from rich.text import Text
 
-from sglang_entropy import server as sglang_server
-from sglang_entropy.model import build_default_model
+from sglang_entropy.tools import server as sglang_server
+from sglang_entropy.tools.model import build_default_model
 
 PROMPTS = (
     "What is the capital of France?",

@@ -1,11 +1,11 @@
 """Benchmarks that compare arms side by side in one run: same model, prompts and settings.
 
 ``overhead``: decode throughput of the SGLang server with the adapter disabled vs the same
-server with ``--enable-entropy`` where every request asks for all signals (and, as a third arm,
-runs the deepconf policy with a threshold it never reaches, so the policy's step runs but never
-stops a trace). Both servers run at once and are measured alternately, round by round, so slow
-drift of the machine hits both arms alike.
-"""
+server with ``--enable-entropy`` where every request asks for all signals (and, with
+``--policy NAME --policy-params JSON``, a third arm that also runs that policy, e.g. deepconf
+with a threshold it never reaches, so the policy's step runs but never stops a trace). Both
+servers run at once and are measured alternately, round by round, so slow drift of the
+machine hits both arms alike."""
 
 from __future__ import annotations
 
@@ -20,11 +20,10 @@ import requests
 from rich.console import Console
 from rich.table import Table
 
-from sglang_entropy import server as sglang_server
-from sglang_entropy.cli import bench_command
-from sglang_entropy.model import build_default_model
-from sglang_entropy.registry import installed_policies
 from sglang_entropy.signals import SIGNAL_NAMES
+from sglang_entropy.tools import server as sglang_server
+from sglang_entropy.tools.commands import bench_command
+from sglang_entropy.tools.model import build_default_model
 
 QUESTIONS = (
     "Tell me about the history of Rome.",
@@ -53,8 +52,9 @@ def run_overhead(args) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     all_signals = {"return_signals": list(SIGNAL_NAMES)}
     arms = {"adapter disabled": None, "signals on": all_signals}
-    if "deepconf" in installed_policies():
-        arms["signals + deepconf"] = {**all_signals, "policy": "deepconf", "params": {"threshold": -1.0}}
+    if getattr(args, "policy", None):
+        params = json.loads(args.policy_params or "{}")
+        arms[f"signals + {args.policy}"] = {**all_signals, "policy": args.policy, "params": params}
     device = "GPU" if sglang_server.has_gpu() else "CPU (portable_cpu platform)"
     results = []
     with console.status("starting two SGLang servers (adapter disabled, adapter enabled)…"):

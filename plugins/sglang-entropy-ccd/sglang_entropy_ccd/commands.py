@@ -1,0 +1,43 @@
+"""The CCD plugin's ``sglang-entropy`` subcommands (entry point in ``sglang_entropy.policies``):
+``bench ccd`` and ``build-model --diffusion``."""
+
+from __future__ import annotations
+
+from sglang_entropy import hookimpl
+
+
+def _run(args) -> int:
+    from sglang_entropy_ccd.bench import run_ccd
+
+    return run_ccd(args)
+
+
+def _build(args):
+    from sglang_entropy_ccd.model import TrainConfig, ensure_model
+
+    return ensure_model(TrainConfig(steps=args.steps) if args.steps else TrainConfig(), force=args.force)
+
+
+@hookimpl
+def register_commands(commands):
+    build = commands.add_model(
+        "--diffusion", "train the small block-diffusion model for addition instead (CPU)", _build
+    )
+    build.add_argument("--steps", type=int, help="--diffusion: training steps (default 4000)")
+    c = commands.add_bench("ccd", help="diffusion LM: LowConfidence vs CCD vs CCD + early exit: NFE, accuracy, time")
+    c.add_argument(
+        "--urls", help="four servers, in arm order (LowConfidence, one token per step, CCD, CCD + early exit)"
+    )
+    c.add_argument("--model-path", help="diffusion model to launch (default: the small addition model)")
+    c.add_argument("--data", help="JSONL of {question, answer} instead of held-out addition problems")
+    c.add_argument("--questions", type=int, default=200)
+    c.add_argument("--block-size", type=int, default=8)
+    c.add_argument("--threshold", type=float, default=0.95, help="LowConfidence's confidence threshold")
+    c.add_argument("--budget", type=int, default=1, help="CCD's positions per step")
+    c.add_argument("--exit-schedule", choices=("linear", "cosine", "exponential"), default="cosine")
+    c.add_argument("--tau-high", type=float, default=6.0, help="early-exit logit margin at a block's first step")
+    c.add_argument("--tau-low", type=float, default=2.0, help="... and at its last step")
+    c.add_argument("--max-new-tokens", type=int, default=16)
+    c.add_argument("--seed", type=int, default=7, help="which questions (training used seed 0)")
+    c.add_argument("--out", default="examples/results/ccd_addition")
+    c.set_defaults(func=_run)

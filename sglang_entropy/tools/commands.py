@@ -1,0 +1,36 @@
+"""What plugins see of the ``sglang-entropy`` command (``register_commands`` in the contract)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Callable
+
+
+def bench_command(name: str) -> str:
+    """The ``sglang-entropy bench ...`` command line this process runs, as recorded in results
+    (``sglang-entropy bench NAME`` when the bench was called from Python, not the CLI)."""
+    if "bench" not in sys.argv:
+        return f"sglang-entropy bench {name}"
+    return "sglang-entropy bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1 :])
+
+
+class Commands:
+    """Handed to each plugin's ``register_commands``: adds its benchmarks and model builds."""
+
+    def __init__(self, benches, build_model: argparse.ArgumentParser):
+        self._benches = benches  # the subparsers of ``sglang-entropy bench``
+        self.build_model = build_model
+        self.model_builders: list[tuple[str, Callable]] = []  # (args attribute, build)
+
+    def add_bench(self, name: str, help: str) -> argparse.ArgumentParser:
+        """The parser of ``sglang-entropy bench NAME``; set ``func=run`` on it."""
+        return self._benches.add_parser(name, help=help)
+
+    def add_model(self, flag: str, help: str, build: Callable) -> argparse.ArgumentParser:
+        """``sglang-entropy build-model FLAG`` builds with ``build(args)`` (returns the model's
+        path) instead of the default model; returns the ``build-model`` parser for more options."""
+        action = self.build_model.add_argument(flag, action="store_true", help=help)
+        self.model_builders.append((action.dest, build))
+        return self.build_model
