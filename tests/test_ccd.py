@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from sglang_entropy_ccd import policy as ccd
 
-from sglang_entropy.adapter import dllm
+from sglang_entropy.adapter.scheduler import dllm
 from sglang_entropy.types import DenoiseStep
 from tests.ccd_reference import check_trace, threshold
 

@@ -39,16 +39,19 @@ def unresolved(target: str, hook_type: HookType) -> str | None:
 
 def collected_hooks() -> list[tuple[str, str, object, HookType]]:
     """(where it is registered, target, hook, hook type) of every HookRegistry registration."""
-    from sglang_entropy.adapter import branching, check_launch, dllm, frontend, scheduler, speculative
+    from sglang_entropy.adapter import check_launch
     from sglang_entropy.adapter.flags import add_flags
+    from sglang_entropy.adapter.frontend import serving
+    from sglang_entropy.adapter.scheduler import branching, dllm, speculative
+    from sglang_entropy.adapter.scheduler import hooks as scheduler_hooks
     from sglang_entropy.platform import spec_kernels, spec_requests
 
     hooks = [
         (f"{module.__name__}.HOOKS", target, hook, hook_type)
-        for module in (scheduler, frontend, branching, dllm, speculative)
+        for module in (scheduler_hooks, serving, branching, dllm, speculative)
         for target, hook, hook_type in module.HOOKS
     ]
-    hooks.append(("sglang_entropy.adapter.dllm.ALGORITHM_HOOK", *dllm.ALGORITHM_HOOK))
+    hooks.append(("sglang_entropy.adapter.scheduler.dllm.ALGORITHM_HOOK", *dllm.ALGORITHM_HOOK))
     # Registered inside sglang_entropy.adapter.load(), which has no module-level list of them.
     hooks += [
         ("sglang_entropy.adapter.load", "sglang.srt.server_args.ServerArgs.add_cli_args", add_flags, HookType.AFTER),

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
 from sglang_entropy import hookimpl
-from sglang_entropy.adapter import branching, groups
+from sglang_entropy.adapter.frontend import groups
+from sglang_entropy.adapter.scheduler import branching
 from sglang_entropy.registry import PolicyRegistry, installed_policies, make_plugin_manager
 from sglang_entropy.settings import EntropyRequestError, Limits, ServerConfig, ServerSettings, load_config
 from sglang_entropy.types import PolicyParams, PolicySpec

@@ -15,7 +15,7 @@ from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
 from sglang_entropy import hookimpl
 from sglang_entropy.adapter import protocol
-from sglang_entropy.adapter import runtime as rt
+from sglang_entropy.adapter.scheduler import runtime as rt
 from sglang_entropy.registry import PolicyRegistry, make_plugin_manager
 from sglang_entropy.settings import ServerSettings
 from sglang_entropy.types import DecodeDecision, PolicyParams, PolicySpec

@@ -155,7 +155,7 @@ def fake_req(custom=None, output_len=3):
 
 def test_the_router_routes_each_request_by_its_parameters_and_records_events(monkeypatch):
     from sglang_entropy.adapter.protocol import EVENTS_KEY
-    from sglang_entropy.adapter.speculative import Router
+    from sglang_entropy.adapter.scheduler.speculative import Router
 
     monkeypatch.setenv("SGLANG_ENTROPY_DRAFTERS", "a,b")
     router = Router(("a", "b"))

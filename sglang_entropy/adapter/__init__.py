@@ -63,11 +63,12 @@ def activate() -> None:
     import sglang.srt.model_executor.model_runner  # noqa: F401
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    from sglang_entropy.adapter import branching, dllm, frontend, scheduler, speculative
+    from sglang_entropy.adapter.frontend import serving
+    from sglang_entropy.adapter.scheduler import branching, dllm, hooks, speculative
 
     for target, hook, hook_type in (
-        *scheduler.HOOKS,
-        *frontend.HOOKS,
+        *hooks.HOOKS,
+        *serving.HOOKS,
         *branching.HOOKS,
         *dllm.HOOKS,
         *speculative.HOOKS,

@@ -18,7 +18,7 @@ from sglang.srt.runtime_context import get_schedule, get_spec
 from sglang.srt.speculative.eagle_utils import default_tree_mask_mode
 from sglang.srt.speculative.standalone_worker_v2 import StandaloneDraftWorker, StandaloneWorkerV2
 
-from sglang_entropy.adapter.speculative import DECISION_ATTR, Router
+from sglang_entropy.adapter.scheduler.speculative import DECISION_ATTR, Router
 from sglang_entropy.platform.spec_attention import PortableMultiStepDraftBackend
 from sglang_entropy.settings import ENV_DRAFTERS, parse_drafters
 from sglang_entropy.types import RouteDecision

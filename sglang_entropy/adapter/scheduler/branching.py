@@ -1,11 +1,11 @@
-"""Carry out policies' branch decisions inside SGLang (policies registered with ``branches=True``).
+"""Carry out policies' branch decisions inside the scheduler (policies registered with
+``branches=True``); the tokenizer side is ``adapter.frontend.branches``.
 
-Scheduler side: when a policy's decision gives a row ``branch_width`` > 0 (and the request's
+When a policy's decision gives a row ``branch_width`` > 0 (and the request's
 family holds fewer than ``max_sequences`` sequences), the parent's KV up to the branch token is
 checkpointed into the radix tree and a child request ``<root rid>-b<k>`` is queued whose input
 is the parent's prompt plus its output before the branch token; its prefill matches the
-parent's prefix in the tree. Tokenizer side: the request's possible child rids are registered
-before it starts (outputs for unknown rids are dropped), and the response lists every sequence.
+parent's prefix in the tree.
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import uuid
 from array import array
 from collections import Counter, OrderedDict
 
 from sglang.srt.plugins.hook_registry import HookType
 
-from sglang_entropy.adapter.protocol import entropy_field, policy_failure
+from sglang_entropy.adapter.protocol import policy_failure
 from sglang_entropy.settings import ServerSettings
 from sglang_entropy.types import BranchParams
 
@@ -151,59 +150,6 @@ def _fork_row(req, row, runtime) -> None:
             _POOLS[group] -= len(children)
         runtime.children[(req.rid, index)] = children
     logger.debug("fork %s at token %d into %s (%d shared tokens)", req.rid, index, children, shared)
-
-
-def is_branching_request(resolved) -> bool:
-    from sglang_entropy.registry import installed_policies
-
-    options = resolved[0] if len(resolved) == 1 else None
-    return options is not None and options.policy is not None and installed_policies().get(options.policy).spec.branches
-
-
-def generate_with_branches(original, tokenizer_manager, obj, request, options):
-    """Tokenizer side of a branching request: register every possible child rid, run the
-    request, then wait for each child that was forked (children may fork too)."""
-
-    async def outputs():
-        obj.rid = obj.rid if isinstance(obj.rid, str) else uuid.uuid4().hex
-        states = {}
-        sequences = []
-        complete = False
-        try:
-            for k in range(1, options.params.max_sequences):
-                child = copy.copy(obj)
-                child.rid = f"{obj.rid}-b{k}"
-                child.normalize_batch_and_arguments()
-                states[child.rid] = (child, None)
-                tokenizer_manager._init_req_state(child, request)
-                states[child.rid] = (child, tokenizer_manager.rid_to_state[child.rid])
-            async for out in original(tokenizer_manager, obj, request):
-                root = out
-            pending = [(root, None, None)]
-            while pending:
-                out, parent, branch_index = pending.pop(0)
-                meta = out["meta_info"]
-                shaped = entropy_field(meta, options.policy, 0)
-                meta["entropy"] = shaped[0] if shaped else {"policy": options.policy, "signals": {}, "events": []}
-                meta["entropy"]["sequence"] = {"parent": parent, "branch_token_index": branch_index}
-                sequences.append(out)
-                for event in meta["entropy"]["events"]:
-                    for child_rid in event.get("children", []):
-                        child, state = states.pop(child_rid)
-                        async for child_out in tokenizer_manager._stream_one_response(
-                            obj=child, state=state, request=request
-                        ):
-                            final = child_out
-                        pending.append((final, meta["id"], event["token_index"]))
-            complete = True
-        finally:
-            if not complete:  # failed or cancelled: no sequence of the request may run on uncollected
-                tokenizer_manager.abort_request(rid=obj.rid)
-            for rid in states:  # never forked
-                tokenizer_manager.rid_to_state.pop(rid, None)
-        yield sequences
-
-    return outputs()
 
 
 HOOKS = (("sglang.srt.managers.scheduler.Scheduler.handle_generate_request", remember_request, HookType.BEFORE),)

@@ -12,7 +12,7 @@ import json
 
 from sglang.srt.plugins.hook_registry import HookType
 
-from sglang_entropy.adapter import branching, groups
+from sglang_entropy.adapter.frontend import branches, groups
 from sglang_entropy.adapter.protocol import entropy_field
 from sglang_entropy.registry import installed_policies
 from sglang_entropy.settings import EntropyRequestError, ResolvedRequest, ServerSettings
@@ -98,10 +98,10 @@ def generate_request(original, tokenizer_manager, obj, request=None):
     async def outputs():
         resolved = resolve_all(getattr(obj, "sampling_params", None))
         check_form(obj, resolved)
-        if branching.is_branching_request(resolved):
+        if branches.is_branching_request(resolved):
             scope = groups.client_scope(request, _settings().config.groups, "budget_group", resolved[0].params)
             async with groups.budget_group(obj, resolved[0], scope, _settings().config.limits):
-                async for out in branching.generate_with_branches(
+                async for out in branches.generate_with_branches(
                     original, tokenizer_manager, obj, request, resolved[0]
                 ):
                     yield out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sglang.srt.plugins.hook_registry import HookType
 
-from sglang_entropy.adapter import branching, runtime
+from sglang_entropy.adapter.scheduler import branching, runtime
 
 _OBSERVER: runtime.EntropyObserver | None = None
 
