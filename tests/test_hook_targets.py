@@ -39,12 +39,12 @@ def unresolved(target: str, hook_type: HookType) -> str | None:
 
 def collected_hooks() -> list[tuple[str, str, object, HookType]]:
     """(where it is registered, target, hook, hook type) of every HookRegistry registration."""
-    from sglang_entropy.adapter import check_launch
+    from sglang_entropy.adapter import LAUNCH_HOOK
     from sglang_entropy.adapter.flags import add_flags
     from sglang_entropy.adapter.frontend import serving
-    from sglang_entropy.adapter.scheduler import branching, dllm, speculative
+    from sglang_entropy.adapter.scheduler import branching, dllm, drafters, speculative
     from sglang_entropy.adapter.scheduler import hooks as scheduler_hooks
-    from sglang_entropy.platform import spec_kernels, spec_requests
+    from sglang_entropy.platform import spec_kernels, spec_requests, spec_worker
 
     hooks = [
         (f"{module.__name__}.HOOKS", target, hook, hook_type)
@@ -52,18 +52,15 @@ def collected_hooks() -> list[tuple[str, str, object, HookType]]:
         for target, hook, hook_type in module.HOOKS
     ]
     hooks.append(("sglang_entropy.adapter.scheduler.dllm.ALGORITHM_HOOK", *dllm.ALGORITHM_HOOK))
-    # Registered inside sglang_entropy.adapter.load(), which has no module-level list of them.
-    hooks += [
-        ("sglang_entropy.adapter.load", "sglang.srt.server_args.ServerArgs.add_cli_args", add_flags, HookType.AFTER),
-        (
-            "sglang_entropy.adapter.load",
-            "sglang.srt.server_args.ServerArgs.__post_init__",
-            check_launch,
-            HookType.AFTER,
-        ),
-    ]
-    # PortableCpuPlatform.init_backend registers spec_requests.HOOK as AFTER ...
+    hooks.append(("sglang_entropy.adapter.scheduler.drafters.HOOK", *drafters.HOOK))
+    hooks.append(("sglang_entropy.adapter.LAUNCH_HOOK", *LAUNCH_HOOK))
+    # Registered inside sglang_entropy.adapter.load(), which has no module-level list of it.
+    hooks.append(
+        ("sglang_entropy.adapter.load", "sglang.srt.server_args.ServerArgs.add_cli_args", add_flags, HookType.AFTER)
+    )
+    # PortableCpuPlatform.init_backend registers spec_requests.HOOK and spec_worker.DRAFTER_HOOK as AFTER ...
     hooks.append(("sglang_entropy.platform.spec_requests.HOOK", *spec_requests.HOOK, HookType.AFTER))
+    hooks.append(("sglang_entropy.platform.spec_worker.DRAFTER_HOOK", *spec_worker.DRAFTER_HOOK, HookType.AFTER))
     # ... and spec_kernels.install() every spec_kernels._TARGETS entry as REPLACE.
     hooks += [
         ("sglang_entropy.platform.spec_kernels._TARGETS", target, getattr(spec_kernels, name), HookType.REPLACE)
@@ -145,7 +142,6 @@ def test_the_collected_hooks_are_exactly_the_ones_registered(monkeypatch):
 # Names a platform class defines that are its own helpers, not overrides of an SGLang method.
 OWN_HELPERS = {
     "PortableSpecAttnBackend": {"_check_self_attention", "_save_kv", "_kv_buffers", "_query_and_output", "_attend_one"},
-    "PortableStandaloneWorker": {"_drafter_group"},
     "DrafterGroup": {"_each", "_combine", "_failed"},
 }
 
@@ -154,14 +150,11 @@ def overrides():
     """(platform class, the SGLang class whose methods it overrides or stands in for)."""
     from sglang.srt.speculative.standalone_worker_v2 import StandaloneDraftWorker
 
+    from sglang_entropy.adapter.scheduler.drafters import DrafterGroup
     from sglang_entropy.platform.kv_pool import PortableMHATokenToKVPool
     from sglang_entropy.platform.portable_cpu import PortableCpuPlatform
     from sglang_entropy.platform.spec_attention import PortableSpecAttnBackend
-    from sglang_entropy.platform.spec_worker import (
-        DrafterGroup,
-        PortableStandaloneDraftWorker,
-        PortableStandaloneWorker,
-    )
+    from sglang_entropy.platform.spec_worker import PortableStandaloneDraftWorker, PortableStandaloneWorker
 
     subclasses = [
         PortableCpuPlatform,

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import os
 
+from sglang.srt.plugins.hook_registry import HookType
+
 from sglang_entropy.settings import ENV_ENABLE, ServerSettings
 
 _activated = False
 
 
 def load() -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.plugins.hook_registry import HookRegistry
 
     from sglang_entropy.adapter.flags import add_flags
 
     HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", add_flags, HookType.AFTER)
-    HookRegistry.register("sglang.srt.server_args.ServerArgs.__post_init__", check_launch, HookType.AFTER)
     if checked_settings().enabled:
         activate()
 
@@ -44,8 +45,16 @@ def checked_settings() -> ServerSettings:
 
 def check_launch(result, server_args, *args, **kwargs):
     """After SGLang parsed its arguments (before any model loads): the flags have set the
-    environment, so the whole configuration is checked here once more."""
-    checked_settings()
+    environment, so the whole configuration is checked here once more, with SGLang's own."""
+    settings = checked_settings()
+    if settings.drafters and server_args.speculative_algorithm != "STANDALONE":
+        raise SystemExit(
+            "sglang-entropy: --entropy-drafters routes STANDALONE speculative decoding; launch with "
+            f"--speculative-algorithm STANDALONE (got {server_args.speculative_algorithm})"
+        )
+
+
+LAUNCH_HOOK = ("sglang.srt.server_args.ServerArgs.__post_init__", check_launch, HookType.AFTER)
 
 
 def activate() -> None:
@@ -64,9 +73,11 @@ def activate() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     from sglang_entropy.adapter.frontend import serving
-    from sglang_entropy.adapter.scheduler import branching, dllm, hooks, speculative
+    from sglang_entropy.adapter.scheduler import branching, dllm, drafters, hooks, speculative
 
     for target, hook, hook_type in (
+        LAUNCH_HOOK,
+        drafters.HOOK,
         *hooks.HOOKS,
         *serving.HOOKS,
         *branching.HOOKS,

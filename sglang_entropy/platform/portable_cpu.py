@@ -52,7 +52,7 @@ class PortableCpuPlatform(CpuDeviceMixin, SRTPlatform):
         from sglang.srt.layers.attention.attention_registry import register_attention_backend
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-        from sglang_entropy.platform import spec_kernels, spec_requests
+        from sglang_entropy.platform import spec_kernels, spec_requests, spec_worker
         from sglang_entropy.platform.spec_attention import PortableSpecAttnBackend
 
         # Same as torch_native in every mode torch_native has, plus the speculative ones.
@@ -60,6 +60,8 @@ class PortableCpuPlatform(CpuDeviceMixin, SRTPlatform):
         spec_kernels.install()
         # Sampled requests on a speculative server fail alone instead of crashing the scheduler.
         HookRegistry.register(*spec_requests.HOOK, HookType.AFTER)
+        # Every STANDALONE drafter SGLang (or the adapter) builds gets the torch-native draft attention.
+        HookRegistry.register(*spec_worker.DRAFTER_HOOK, HookType.AFTER)
         HookRegistry.apply_hooks()
 
     def get_kv_pool_cls(self, *, kind):
