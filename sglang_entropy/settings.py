@@ -20,6 +20,7 @@ ENV_POLICIES = "SGLANG_ENTROPY_POLICIES"
 ENV_CONFIG = "SGLANG_ENTROPY_CONFIG"
 ENV_DRAFTERS = "SGLANG_ENTROPY_DRAFTERS"  # comma-separated drafter model paths (--entropy-drafters)
 REQUEST_KEY = "entropy"  # sampling_params.custom_params["entropy"]
+PREFIX = f"custom_params.{REQUEST_KEY}"  # where errors point
 SAMPLING_EPS = 1e-6  # SGLang samples greedily below this temperature (sglang.srt.sampling.sampling_params)
 MAX_PROBLEMS = 5  # an error message lists this many validation problems, then a count
 MAX_LOCATION = 200  # characters of one problem's location (a key may be long)
@@ -187,49 +188,50 @@ class ServerSettings:
             raise EntropyRequestError("custom_params must be an object")
         if REQUEST_KEY not in raw:
             return None
-        prefix = f"custom_params.{REQUEST_KEY}"
         try:
             request = EntropyRequest.model_validate(raw[REQUEST_KEY])
         except ValidationError as e:
-            raise EntropyRequestError(describe_errors(e, prefix)) from None
+            raise EntropyRequestError(describe_errors(e, PREFIX)) from None
         params = None
         if request.policy is not None:
-            enabled = self.enabled_policies(registry)
-            if request.policy not in registry:
-                raise EntropyRequestError(
-                    f"{prefix}.policy: unknown policy {request.policy!r}; installed: {registry.names()}"
-                )
-            if request.policy not in enabled:
-                raise EntropyRequestError(
-                    f"{prefix}.policy: policy {request.policy!r} is not enabled on this server "
-                    f"(--entropy-policies); enabled: {enabled}"
-                )
-            spec = registry.get(request.policy).spec
-            if spec.family == "dllm":
-                raise EntropyRequestError(
-                    f"{prefix}.policy: {request.policy!r} is a diffusion unmasking policy; the server runs it for "
-                    f"every request when launched with --dllm-algorithm {spec.dllm_algorithm}"
-                )
-            if spec.family == "speculative" and len(self.drafters) < 2:
-                raise EntropyRequestError(
-                    f"{prefix}.policy: {request.policy!r} routes speculative drafts; it needs a server launched "
-                    "with --entropy-drafters PATH,PATH (two or more drafter models)"
-                )
-            merged = {**self.config.policies.get(request.policy, {}), **request.params}
+            spec = self._selectable(request.policy, registry)
             greedy = (temperature is not None and temperature < SAMPLING_EPS) or top_k == 1
-            context = {
-                "n": n,
-                "temperature": temperature,
-                "greedy": greedy,
-                "num_drafters": len(self.drafters),
-            }
+            context = {"n": n, "temperature": temperature, "greedy": greedy, "num_drafters": len(self.drafters)}
+            merged = {**self.config.policies.get(request.policy, {}), **request.params}
             try:
                 params = spec.params.model_validate(merged, context=context)
             except ValidationError as e:
-                raise EntropyRequestError(describe_errors(e, f"{prefix}.params")) from None
-            self._check_sequences(spec, params, n, prefix)
+                raise EntropyRequestError(describe_errors(e, f"{PREFIX}.params")) from None
+            self._check_sequences(spec, params, n, PREFIX)
         elif request.params:
-            raise EntropyRequestError(f"{prefix}.params: parameters given without a policy")
+            raise EntropyRequestError(f"{PREFIX}.params: parameters given without a policy")
+        return self._with_signal_settings(request, params)
+
+    def _selectable(self, policy: str, registry: PolicyRegistry):
+        """The spec of a policy a request may select by name on this server."""
+        enabled = self.enabled_policies(registry)
+        if policy not in registry:
+            raise EntropyRequestError(f"{PREFIX}.policy: unknown policy {policy!r}; installed: {registry.names()}")
+        if policy not in enabled:
+            raise EntropyRequestError(
+                f"{PREFIX}.policy: policy {policy!r} is not enabled on this server "
+                f"(--entropy-policies); enabled: {enabled}"
+            )
+        spec = registry.get(policy).spec
+        if spec.family == "dllm":
+            raise EntropyRequestError(
+                f"{PREFIX}.policy: {policy!r} is a diffusion unmasking policy; the server runs it for "
+                f"every request when launched with --dllm-algorithm {spec.dllm_algorithm}"
+            )
+        if spec.family == "speculative" and len(self.drafters) < 2:
+            raise EntropyRequestError(
+                f"{PREFIX}.policy: {policy!r} routes speculative drafts; it needs a server launched "
+                "with --entropy-drafters PATH,PATH (two or more drafter models)"
+            )
+        return spec
+
+    def _with_signal_settings(self, request: EntropyRequest, params) -> ResolvedRequest:
+        """The request with the signal settings its policy sets (or the server's), in range."""
         signals = self.config.signals
         confidence = isinstance(params, ConfidenceParams)  # the policy's own signal settings win
         confidence_k = params.top_k if confidence else signals.confidence_top_k
@@ -241,7 +243,7 @@ class ServerSettings:
             ("window_size", window, 1, signals.max_window),
         ):
             if not low <= value <= high:
-                raise EntropyRequestError(f"{prefix}.params.{field}: {value} is outside [{low}, {high}] on this server")
+                raise EntropyRequestError(f"{PREFIX}.params.{field}: {value} is outside [{low}, {high}] on this server")
         return ResolvedRequest(
             policy=request.policy,
             params=params,

@@ -205,28 +205,12 @@ def abort(original, tokenizer_manager, rid: str = "", abort_all: bool = False):
 
 
 async def _run_trace(original, tokenizer_manager, obj, request, options, group: Group, rid: str) -> dict:
-    registry = installed_policies()
-    spec = registry.get(options.policy).spec
+    """One trace of a group: wait for its turn, run it with the group's parameters so far, and
+    hand the finished trace to the policy's group method."""
     role = await group.admit()
     if role is None:
         return _not_started(rid, group, options)
-    trace_params = {
-        **options.params.model_dump(exclude_none=True),
-        **group.view.overrides,
-        "group_id": group.view.group_id,
-    }
-    returned = [s for s in spec.signals if s != "group_confidence"]  # what the group hooks read
-    entropy = {
-        "policy": options.policy,
-        "params": trace_params,
-        "return_signals": list(dict.fromkeys([*options.return_signals, *returned])),
-    }
-    sub = copy.copy(obj)
-    sub.rid = rid
-    custom = dict(obj.sampling_params.get("custom_params") or {})
-    custom[REQUEST_KEY] = entropy
-    sub.sampling_params = {**obj.sampling_params, "n": 1, "custom_params": custom}
-
+    sub, trace_params = _trace_request(obj, rid, options, group)
     group.running.add(rid)
     aborted = True
     try:
@@ -241,34 +225,58 @@ async def _run_trace(original, tokenizer_manager, obj, request, options, group: 
         finish = meta.get("finish_reason") or {}
         aborted = finish.get("type") == "abort"
         if not aborted:
-            summary = TraceSummary(
-                rid=rid,
-                text=output.get("text", ""),
-                output_tokens=meta.get("completion_tokens", 0),
-                signals=meta["entropy"]["signals"],
-                stopped_early=bool(finish.get("entropy_policy")),
-                finish_reason=finish,
-                warmup=role == "warmup",
-            )
-            group.view.finished.append(summary)
-            finished = getattr(registry.policy(options.policy), "group_trace_finished", None)
-            update = finished(group.view, summary) if finished else None
-            if update is not None:
-                _apply(update, group, options, tokenizer_manager)
+            _trace_finished(output, rid, role, group, options, tokenizer_manager)
     finally:
         group.running.discard(rid)
         await group.release(role, aborted)
-
     signals = meta["entropy"]["signals"]
     for name in list(signals):
         if name not in options.return_signals:
             del signals[name]
-    meta["entropy"]["group"] = {
-        "id": group.view.group_id,
-        "role": role,
-        "threshold": trace_params.get("threshold"),
-    }
+    meta["entropy"]["group"] = {"id": group.view.group_id, "role": role, "threshold": trace_params.get("threshold")}
     return output
+
+
+def _trace_request(obj, rid: str, options: ResolvedRequest, group: Group):
+    """The request of one trace (``n`` = 1) with the group's parameters so far, and those
+    parameters. It returns the signals the group methods read besides those the client asked for."""
+    trace_params = {
+        **options.params.model_dump(exclude_none=True),
+        **group.view.overrides,
+        "group_id": group.view.group_id,
+    }
+    spec = installed_policies().get(options.policy).spec
+    returned = [s for s in spec.signals if s != "group_confidence"]
+    entropy = {
+        "policy": options.policy,
+        "params": trace_params,
+        "return_signals": list(dict.fromkeys([*options.return_signals, *returned])),
+    }
+    sub = copy.copy(obj)
+    sub.rid = rid
+    custom = dict(obj.sampling_params.get("custom_params") or {})
+    custom[REQUEST_KEY] = entropy
+    sub.sampling_params = {**obj.sampling_params, "n": 1, "custom_params": custom}
+    return sub, trace_params
+
+
+def _trace_finished(output: dict, rid: str, role: str, group: Group, options: ResolvedRequest, tokenizer_manager):
+    meta = output["meta_info"]
+    finish = meta.get("finish_reason") or {}
+    summary = TraceSummary(
+        rid=rid,
+        text=output.get("text", ""),
+        output_tokens=meta.get("completion_tokens", 0),
+        signals=meta["entropy"]["signals"],
+        stopped_early=bool(finish.get("entropy_policy")),
+        finish_reason=finish,
+        warmup=role == "warmup",
+    )
+    group.view.finished.append(summary)
+    finished = getattr(installed_policies().policy(options.policy), "group_trace_finished", None)
+    update = finished(group.view, summary) if finished else None
+    if update is not None:
+        _apply(update, group, options, tokenizer_manager)
 
 
 def _apply(update, group: Group, options: ResolvedRequest, tokenizer_manager) -> None:

@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from sglang.srt.dllm.algorithm.base import DllmAlgorithm
 from sglang.srt.plugins.hook_registry import HookType
 
 from sglang_entropy.adapter.protocol import EVENTS_KEY, policy_failure, put_token_value, wants_dllm_trace
@@ -38,86 +39,86 @@ def get_algorithm_cls(original, name: str):
 
 @functools.cache
 def _algorithm_class(algorithm_name: str, policy: str):
-    from sglang.srt.dllm.algorithm.base import DllmAlgorithm
+    """The SGLang dLLM algorithm named ``algorithm_name`` that runs ``policy``."""
+    return type(algorithm_name, (PolicyUnmasking,), {"policy": policy})
 
-    class PolicyUnmasking(DllmAlgorithm):
-        """Denoise each block with the policy's ``unmask_step`` decisions.
 
-        Works in both of SGLang's modes: synchronous (every block of the batch is denoised to
-        the end in one call) and first-done-first-out (one step per call; SGLang carries each
-        request's ``BlockState`` to the next call). Rows are stacked into [B, ...] tensors for
-        the policy and split back after it, on the device.
-        """
+class PolicyUnmasking(DllmAlgorithm):
+    """Denoise each block with the policy's ``unmask_step`` decisions.
 
-        def __init__(self, config):
-            super().__init__(config)
-            self.policy = policy
-            self.registry = installed_policies()
-            self.params = _validate_params(policy, config.algorithm_config)
-            self.trace_rows: list[bool] = []  # set per call by ``count_forwards``
-            self.rows: list[BlockState] = []  # the states of the last step's rows
-            self.failure: Exception | None = None
+    Works in both of SGLang's modes: synchronous (every block of the batch is denoised to
+    the end in one call) and first-done-first-out (one step per call; SGLang carries each
+    request's ``BlockState`` to the next call). Rows are stacked into [B, ...] tensors for
+    the policy and split back after it, on the device.
+    """
 
-        def init_step_state(self, forward_batch):
-            device = forward_batch.input_ids.device
-            batch_size = forward_batch.batch_size
-            start = getattr(self.registry.policy(self.policy), "denoise_start", None)
-            state = start(batch_size, self.block_size, self.params, device) if start else None
-            state = state or {}
-            return [
-                BlockState.fresh({k: v[row] for k, v in state.items()}, self.block_size, device)
-                for row in range(batch_size)
-            ]
+    policy: str  # set per algorithm name by ``_algorithm_class``
 
-        def step(self, forward_batch, full_logits, states):
-            rows: list[BlockState] = states
-            self.rows = rows
-            batch_size, block = forward_batch.batch_size, self.block_size
-            logits = full_logits.view(batch_size, block, -1)
-            input_ids = forward_batch.input_ids.view(batch_size, block)
-            masked = input_ids == self.mask_id
-            if forward_batch.dllm_prompt_mask is not None:
-                masked &= ~forward_batch.dllm_prompt_mask
-            done = masked.sum(dim=1) == 0
-            batch = BlockState.stack(rows, masked)
-            commit, exit_now, trace = self._decide(batch, logits, masked)
-            predicted = logits.argmax(dim=-1)
-            forward_batch.input_ids.copy_(torch.where(commit, predicted, input_ids).view(-1))
-            batch.commit_step = torch.where(commit, batch.steps[:, None], batch.commit_step)
-            first_exit = exit_now & (batch.exit_step < 0)
-            batch.exit_step = torch.where(first_exit, batch.steps, batch.exit_step)
-            batch.steps = batch.steps + 1
-            traced = None
-            if any(self.trace_rows):
-                traced = {**trace, "masked": masked, "commit": commit, "predicted": predicted}
-            batch.split_into(rows, traced, self.trace_rows)
-            return done.tolist()  # SGLang's loop needs the host bools (one sync per step, its design)
+    def __init__(self, config):
+        super().__init__(config)
+        self.registry = installed_policies()
+        self.params = _validate_params(self.policy, config.algorithm_config)
+        self.trace_rows: list[bool] = []  # set per call by ``count_forwards``
+        self.rows: list[BlockState] = []  # the states of the last step's rows
+        self.failure: Exception | None = None
 
-        def _decide(self, batch: "BlockState", logits, masked):
-            step = DenoiseStep(
-                logits=logits,
-                masked=masked,
-                canvas=batch.canvas,
-                step_index=batch.steps,
-                max_steps=self.max_steps(self.block_size),
-                params=self.params,
-                state=batch.policy_state,
-            )
-            no_exit = torch.zeros_like(masked[:, 0])
-            try:
-                decision = self.registry.policy(self.policy).unmask_step(step)
-                commit = decision.commit & masked
-                exit_now = no_exit if decision.exit is None else decision.exit & masked.any(dim=1)
-                trace = dict(decision.trace)
-            except Exception as e:  # fail these requests, finish the block so the batch goes on
-                logger.exception("dLLM policy %s failed", self.policy)
-                self.failure = e
-                commit, exit_now, trace = masked.clone(), no_exit, {}
-            commit |= exit_now[:, None] & masked
-            return _ensure_progress(commit, masked, logits), exit_now, trace
+    def init_step_state(self, forward_batch):
+        device = forward_batch.input_ids.device
+        batch_size = forward_batch.batch_size
+        start = getattr(self.registry.policy(self.policy), "denoise_start", None)
+        state = start(batch_size, self.block_size, self.params, device) if start else None
+        state = state or {}
+        return [
+            BlockState.fresh({k: v[row] for k, v in state.items()}, self.block_size, device)
+            for row in range(batch_size)
+        ]
 
-    PolicyUnmasking.__name__ = PolicyUnmasking.__qualname__ = algorithm_name
-    return PolicyUnmasking
+    def step(self, forward_batch, full_logits, states):
+        rows: list[BlockState] = states
+        self.rows = rows
+        batch_size, block = forward_batch.batch_size, self.block_size
+        logits = full_logits.view(batch_size, block, -1)
+        input_ids = forward_batch.input_ids.view(batch_size, block)
+        masked = input_ids == self.mask_id
+        if forward_batch.dllm_prompt_mask is not None:
+            masked &= ~forward_batch.dllm_prompt_mask
+        done = masked.sum(dim=1) == 0
+        batch = BlockState.stack(rows, masked)
+        commit, exit_now, trace = self._decide(batch, logits, masked)
+        predicted = logits.argmax(dim=-1)
+        forward_batch.input_ids.copy_(torch.where(commit, predicted, input_ids).view(-1))
+        batch.commit_step = torch.where(commit, batch.steps[:, None], batch.commit_step)
+        first_exit = exit_now & (batch.exit_step < 0)
+        batch.exit_step = torch.where(first_exit, batch.steps, batch.exit_step)
+        batch.steps = batch.steps + 1
+        traced = None
+        if any(self.trace_rows):
+            traced = {**trace, "masked": masked, "commit": commit, "predicted": predicted}
+        batch.split_into(rows, traced, self.trace_rows)
+        return done.tolist()  # SGLang's loop needs the host bools (one sync per step, its design)
+
+    def _decide(self, batch: "BlockState", logits, masked):
+        step = DenoiseStep(
+            logits=logits,
+            masked=masked,
+            canvas=batch.canvas,
+            step_index=batch.steps,
+            max_steps=self.max_steps(self.block_size),
+            params=self.params,
+            state=batch.policy_state,
+        )
+        no_exit = torch.zeros_like(masked[:, 0])
+        try:
+            decision = self.registry.policy(self.policy).unmask_step(step)
+            commit = decision.commit & masked
+            exit_now = no_exit if decision.exit is None else decision.exit & masked.any(dim=1)
+            trace = dict(decision.trace)
+        except Exception as e:  # fail these requests, finish the block so the batch goes on
+            logger.exception("dLLM policy %s failed", self.policy)
+            self.failure = e
+            commit, exit_now, trace = masked.clone(), no_exit, {}
+        commit |= exit_now[:, None] & masked
+        return _ensure_progress(commit, masked, logits), exit_now, trace
 
 
 def _validate_params(policy: str, algorithm_config: dict):

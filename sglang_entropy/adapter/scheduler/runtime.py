@@ -216,9 +216,9 @@ class EntropyRuntime:
     def step(self, logits: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor) -> "StepOutput":
         """Signals and decisions for a batch: logits [B, V], request slots [B], sequence lengths [B]."""
         slots = slots.long()
-        token_index = seq_lens.long() - self.prompt_len[slots]  # index of the token being sampled
-        valid = self.active[slots] & (token_index >= 0)  # < 0: an unfinished prefill chunk
-        write_slots = torch.where(valid, slots, torch.full_like(slots, SCRATCH_SLOT))
+        token_index = seq_lens.long() - self.prompt_len[slots]  # [B] index of the token being sampled
+        valid = self.active[slots] & (token_index >= 0)  # [B]; < 0: an unfinished prefill chunk
+        write_slots = torch.where(valid, slots, torch.full_like(slots, SCRATCH_SLOT))  # [B]
         token_index = token_index.clamp(min=0)
 
         full_vocab = any(self.signal_users[name] > 0 for name in FULL_VOCAB_SIGNALS)
@@ -227,16 +227,13 @@ class EntropyRuntime:
             write_slots, token_index, signals["confidence"], self.window[slots], self.first_index[slots]
         )
 
-        stop, stop_reason, branch_width = torch.zeros_like(valid), torch.zeros_like(slots), torch.zeros_like(slots)
-        event_columns: dict[str, torch.Tensor] = {}
-        failures: dict[int, Exception] = {}
-        row_policy = self.policy_index[slots]
+        decisions = Decisions.none(valid, slots)
+        row_policy = self.policy_index[slots]  # [B]
         for index, name in enumerate(self.policies):
             if self.active_per_policy[index] == 0:
                 continue
-            mask = valid & (row_policy == index)
             step = DecodeStep(
-                mask=mask,
+                mask=valid & (row_policy == index),
                 slots=write_slots,
                 token_index=token_index,
                 window_full=window_full,
@@ -246,38 +243,58 @@ class EntropyRuntime:
                 logits=logits,
             )
             try:
-                decision = self.registry.policy(name).decode_step(step)
+                decisions.add(self.registry.policy(name).decode_step(step), step.mask, logits)
             except Exception as e:  # fail this policy's requests, not the server
                 logger.exception("policy %s raised in decode_step", name)
-                failures[index] = e
-                continue
-            if decision is None:
-                continue
-            if decision.stop is not None:
-                stops_here = decision.stop & mask
-                stop = stop | stops_here
-                if decision.stop_reason is not None:
-                    stop_reason = torch.where(stops_here, decision.stop_reason.long(), stop_reason)
-            if decision.branch_width is not None:
-                branch_width = torch.where(mask, decision.branch_width.long(), branch_width)
-            if decision.logit_bias is not None:
-                logits.add_(torch.where(mask[:, None], decision.logit_bias, torch.zeros_like(decision.logit_bias)))
-            for key, values in decision.event_values.items():
-                previous = event_columns.get(key, torch.full_like(signals["confidence"], math.nan))
-                event_columns[key] = torch.where(mask, values.float(), previous)
+                decisions.failures[index] = e
+        return decisions.pack(valid, token_index, signals)
 
+
+@dataclass
+class Decisions:
+    """The decisions of every policy for one step, merged row by row ([B] device tensors)."""
+
+    stop: torch.Tensor  # [B] bool
+    stop_reason: torch.Tensor  # [B] int64
+    branch_width: torch.Tensor  # [B] int64
+    event_columns: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B] float, NaN where unset
+    failures: dict[int, Exception] = field(default_factory=dict)  # policy index -> what it raised
+
+    @classmethod
+    def none(cls, valid: torch.Tensor, slots: torch.Tensor) -> "Decisions":
+        return cls(torch.zeros_like(valid), torch.zeros_like(slots), torch.zeros_like(slots))
+
+    def add(self, decision, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """One policy's decision on its rows (``mask``); a logit bias applies to ``logits`` in place."""
+        if decision is None:
+            return
+        if decision.stop is not None:
+            stops_here = decision.stop & mask
+            self.stop = self.stop | stops_here
+            if decision.stop_reason is not None:
+                self.stop_reason = torch.where(stops_here, decision.stop_reason.long(), self.stop_reason)
+        if decision.branch_width is not None:
+            self.branch_width = torch.where(mask, decision.branch_width.long(), self.branch_width)
+        if decision.logit_bias is not None:
+            logits.add_(torch.where(mask[:, None], decision.logit_bias, torch.zeros_like(decision.logit_bias)))
+        for key, values in decision.event_values.items():
+            previous = self.event_columns.get(key, torch.full_like(values, math.nan, dtype=torch.float32))
+            self.event_columns[key] = torch.where(mask, values.float(), previous)
+
+    def pack(self, valid, token_index, signals) -> "StepOutput":
+        """One [B, C] tensor for SGLang to copy to the host with the step's other outputs."""
         not_computed = torch.full_like(signals["confidence"], math.nan)
         columns = [
             valid,
             token_index,
             *(signals.get(n, not_computed) for n in SIGNAL_NAMES),
-            stop,
-            stop_reason,
-            branch_width,
+            self.stop,
+            self.stop_reason,
+            self.branch_width,
+            *self.event_columns.values(),
         ]
-        columns += list(event_columns.values())
         packed = torch.stack([c.float() for c in columns], dim=1)  # [B, C]
-        return StepOutput(packed, tuple(event_columns), failures)
+        return StepOutput(packed, tuple(self.event_columns), self.failures)
 
 
 @dataclass(frozen=True)
