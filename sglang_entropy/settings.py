@@ -105,6 +105,7 @@ class ResolvedRequest:
     confidence_k: int
     entropy_k: int
     window: int
+    dllm_trace: bool = False  # diffusion LMs: record every denoising step's decisions
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,7 @@ class ServerSettings:
             confidence_k=confidence_k,
             entropy_k=entropy_k,
             window=window,
+            dllm_trace=request.dllm_trace,
         )
 
     def _check_sequences(self, spec, params, n: int, prefix: str) -> None:

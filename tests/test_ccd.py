@@ -198,13 +198,13 @@ def test_block_events_count_forwards_across_first_done_first_out_calls():
 
     config = SimpleNamespace(algorithm="CCD", block_size=4, first_done_first_out_mode=True)
     scheduler = SimpleNamespace(dllm_config=config)
-    req = SimpleNamespace(output_ids=[], origin_input_ids=[5, 6, 7, 8], extend_end=4, customized_info=None)
+    req = SimpleNamespace(rid="r", output_ids=[], origin_input_ids=[5, 6, 7, 8], extend_end=4, customized_info=None)
     req.to_finish = None
     batch = SimpleNamespace(reqs=[req])
 
     def call(accepted: int, extend_end: int, failure=None):
         req.extend_end = extend_end
-        dllm._LAST_RUN = dllm.RunRecord(row_nfe=[1], failure=failure)
+        dllm.STATE.dllm_run = dllm.RunRecord(row_nfe=[1], failure=failure)
         dllm.attach_blocks(scheduler, batch, SimpleNamespace(accept_length_per_req_cpu=[accepted]))
 
     call(accepted=4, extend_end=4)  # the prompt's only block

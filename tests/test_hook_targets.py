@@ -42,13 +42,13 @@ def collected_hooks() -> list[tuple[str, str, object, HookType]]:
     from sglang_entropy.adapter import LAUNCH_HOOK
     from sglang_entropy.adapter.flags import add_flags
     from sglang_entropy.adapter.frontend import serving
-    from sglang_entropy.adapter.scheduler import branching, dllm, drafters, speculative
+    from sglang_entropy.adapter.scheduler import dllm, drafters, speculative
     from sglang_entropy.adapter.scheduler import hooks as scheduler_hooks
     from sglang_entropy.platform import spec_kernels, spec_requests, spec_worker
 
     hooks = [
         (f"{module.__name__}.HOOKS", target, hook, hook_type)
-        for module in (scheduler_hooks, serving, branching, dllm, speculative)
+        for module in (scheduler_hooks, serving, dllm, speculative)
         for target, hook, hook_type in module.HOOKS
     ]
     hooks.append(("sglang_entropy.adapter.scheduler.dllm.ALGORITHM_HOOK", *dllm.ALGORITHM_HOOK))

@@ -264,42 +264,44 @@ def test_a_budget_group_is_sent_to_the_scheduler_under_its_scoped_name(monkeypat
 # --- branch bookkeeping ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def clean_branching(monkeypatch):
-    for name in ("_TOKENIZED", "_ROOT", "_SIZE", "_LIVE", "_POOL_OF"):
-        monkeypatch.setattr(branching, name, {})
-    monkeypatch.setattr(branching, "_POOLS", type(branching._POOLS)())
-    monkeypatch.setattr(branching, "_POOL_USERS", type(branching._POOL_USERS)())
-    monkeypatch.setattr(branching, "_max_idle_pools", lambda: 2)
-
-
 def eager_request(rid, **params):
     custom = {"entropy": {"policy": "eager", "params": params}}
     return SimpleNamespace(rid=rid, sampling_params=SimpleNamespace(custom_params=custom))
 
 
-def test_budget_pools_in_use_are_never_forgotten(clean_branching):
+def eager_params(**params):
+    return installed_policies().get("eager").spec.params(**params)
+
+
+def test_budget_pools_in_use_are_never_forgotten():
+    book = branching.BranchBook(max_idle_pools=2)
     for i in range(4):
-        branching.remember_request(None, eager_request(f"r{i}", budget_group=f"g{i}", budget=3))
-    assert list(branching._POOLS) == ["g0", "g1", "g2", "g3"]  # all in use: none forgotten
-    assert branching._POOLS["g0"] == 2  # the first sequence took one
+        book.remember(None, eager_request(f"r{i}"), eager_params(budget_group=f"g{i}", budget=3))
+    assert list(book.pools) == ["g0", "g1", "g2", "g3"]  # all in use: none forgotten
+    assert book.pools["g0"] == 2  # the first sequence took one
     for i in range(4):
-        branching.forget_request(f"r{i}")
-    branching.remember_request(None, eager_request("r4", budget_group="g4", budget=3))
-    assert list(branching._POOLS) == ["g3", "g4"]  # idle pools beyond the limit, oldest first
-    assert branching.report() == {"branching_requests": 1, "tracked_sequences": 1, "budget_pools_in_use": 1}
+        book.forget(f"r{i}")
+    book.remember(None, eager_request("r4"), eager_params(budget_group="g4", budget=3))
+    assert list(book.pools) == ["g3", "g4"]  # idle pools beyond the limit, oldest first
+    assert book.report() == {"branching_requests": 1, "tracked_sequences": 1, "budget_pools_in_use": 1}
 
 
-def test_a_request_aborted_while_queued_leaves_no_bookkeeping(clean_branching):
-    branching.remember_request(None, eager_request("queued", budget_group="g", budget=2))
-    assert branching.report()["tracked_sequences"] == 1
-    branching.forget_unqueued(None, None, SimpleNamespace(rid="queued"))
-    assert branching.report() == {"branching_requests": 0, "tracked_sequences": 0, "budget_pools_in_use": 0}
-    branching.forget_request("queued")  # SGLang may also free it later: nothing is counted twice
-    assert branching.report()["branching_requests"] == 0
+def test_a_request_aborted_while_queued_leaves_no_bookkeeping(monkeypatch):
+    from sglang_entropy.adapter.scheduler import hooks
+    from sglang_entropy.adapter.scheduler.state import SchedulerState
+
+    state = SchedulerState()
+    monkeypatch.setattr(hooks, "STATE", state)
+    hooks.admit_request(None, eager_request("queued", budget_group="g", budget=2))
+    assert state.branches.report()["tracked_sequences"] == 1 and state.report()["tracked_requests"] == 1
+    hooks.forget_unqueued(None, None, SimpleNamespace(rid="queued"))
+    assert state.branches.report() == {"branching_requests": 0, "tracked_sequences": 0, "budget_pools_in_use": 0}
+    assert state.report()["tracked_requests"] == 0
+    state.forget("queued")  # SGLang may also free it later: nothing is counted twice
+    assert state.branches.report()["branching_requests"] == 0
 
 
-def test_a_failing_fork_ends_its_own_request_and_reports_the_children_it_made(clean_branching):
+def test_a_failing_fork_ends_its_own_request_and_reports_the_children_it_made():
     from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
     queued = []
@@ -312,18 +314,19 @@ def test_a_failing_fork_ends_its_own_request_and_reports_the_children_it_made(cl
     scheduler = SimpleNamespace(
         tree_cache=SimpleNamespace(checkpoint=lambda req, up_to: None), handle_generate_request=handle_generate_request
     )
-    recv = eager_request("root", max_sequences=4, budget_group="g", budget=8)
+    book = branching.BranchBook(max_idle_pools=2)
+    params = eager_params(max_sequences=4, budget_group="g", budget=8)
+    recv = eager_request("root")
     recv.sampling_params.max_new_tokens = 16
-    branching.remember_request(scheduler, recv)
-    params = installed_policies().get("eager").spec.params(max_sequences=4, budget_group="g", budget=8)
+    book.remember(scheduler, recv, params)
     runtime = SimpleNamespace(records={"root": SimpleNamespace(resolved=SimpleNamespace(params=params))}, children={})
     req = SimpleNamespace(rid="root", origin_input_ids=[1, 2], output_ids=[3], to_finish=None, finished=lambda: False)
     req.refresh_fill_ids = lambda: None
     host = SimpleNamespace(rows=lambda: [{"branch_width": 2.0, "valid": 1.0, "token_index": 1.0}])
-    branching.fork_rows(SimpleNamespace(reqs=[req]), host, runtime)
+    book.fork_rows(SimpleNamespace(reqs=[req]), host, runtime)
     assert isinstance(req.to_finish, FINISH_ABORT) and "queue full" in req.to_finish.message
     assert runtime.children[("root", 1)] == queued == ["root-b1"]  # the response names the child that runs
-    assert branching._POOLS["g"] == 8 - 1 - 1
+    assert book.pools["g"] == 8 - 1 - 1
     for rid in ("root", "root-b1"):
-        branching.forget_request(rid)
-    assert branching.report() == {"branching_requests": 0, "tracked_sequences": 0, "budget_pools_in_use": 0}
+        book.forget(rid)
+    assert book.report() == {"branching_requests": 0, "tracked_sequences": 0, "budget_pools_in_use": 0}

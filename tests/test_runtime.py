@@ -83,12 +83,15 @@ def plugin():
 
 
 @pytest.fixture
-def runtime(plugin, monkeypatch):
+def runtime(plugin):
     manager = make_plugin_manager(load_entry_points=False)
     manager.register(plugin)
-    state = rt.EntropyRuntime(8, torch.device("cpu"), ServerSettings.from_env({}), PolicyRegistry(manager))
-    monkeypatch.setattr(rt, "_RUNTIME", state)
-    return state
+    return rt.EntropyRuntime(8, torch.device("cpu"), ServerSettings.from_env({}), PolicyRegistry(manager))
+
+
+def start(runtime, req):
+    """What the scheduler state does: resolve the request's options once, then start it."""
+    runtime.start(req, runtime.settings.resolve(req.sampling_params.custom_params, runtime.registry))
 
 
 def one_hot_logits(rows_peaked: list[bool], vocab=100):
@@ -120,7 +123,7 @@ def test_stop_decision_finishes_exactly_that_request_with_its_reason(runtime, pl
     wild = FakeReq("wild", 2, {"policy": "cap", "params": {"limit": 1.0}, "return_signals": ["entropy"]})
     watcher = FakeReq("watcher", 3, {"return_signals": ["confidence"]})
     for req in (calm, wild, watcher):
-        runtime.start(req)
+        start(runtime, req)
     assert plugin.started == [("cap", 1), ("cap", 2)]  # the watcher has no policy
     run_step(runtime, [calm, wild, watcher], one_hot_logits([True, False, False]))
     assert calm.finished_reason is None and watcher.finished_reason is None
@@ -141,8 +144,8 @@ def test_stop_decision_finishes_exactly_that_request_with_its_reason(runtime, pl
 def test_a_raising_policy_fails_only_its_requests(runtime):
     fine = FakeReq("fine", 1, {"policy": "cap", "params": {"limit": 100.0}})
     doomed = FakeReq("doomed", 2, {"policy": "broken"})
-    runtime.start(fine)
-    runtime.start(doomed)
+    start(runtime, fine)
+    start(runtime, doomed)
     run_step(runtime, [fine, doomed], one_hot_logits([False, False]))
     assert fine.finished_reason is None
     assert isinstance(doomed.finished_reason, FINISH_ABORT)
@@ -151,7 +154,7 @@ def test_a_raising_policy_fails_only_its_requests(runtime):
 
 def test_release_frees_the_slot_and_reports_why(runtime, plugin):
     req = FakeReq("r", 4, {"policy": "cap", "return_signals": ["entropy", "varentropy"]})
-    runtime.start(req)
+    start(runtime, req)
     assert runtime.active[4] and runtime.signal_users["varentropy"] == 1
     req.finished_reason = FINISH_ABORT("client went away")
     runtime.end(req)
@@ -162,28 +165,38 @@ def test_release_frees_the_slot_and_reports_why(runtime, plugin):
 
 def test_full_vocabulary_signals_only_while_someone_needs_them(runtime):
     watcher = FakeReq("w", 1, {"return_signals": ["confidence"]})
-    runtime.start(watcher)
+    start(runtime, watcher)
     host = run_step(runtime, [watcher], one_hot_logits([False]))
     assert host.rows()[0]["entropy"] != host.rows()[0]["entropy"]  # nan: not computed
     curious = FakeReq("c", 2, {"return_signals": ["entropy"]})
-    runtime.start(curious)
+    start(runtime, curious)
     host = run_step(runtime, [watcher, curious], one_hot_logits([False, False]))
     assert host.rows()[1]["entropy"] == pytest.approx(4.605, abs=1e-3)
 
 
 def test_unfinished_prefill_chunks_are_not_recorded(runtime):
     req = FakeReq("chunked", 1, {"return_signals": ["confidence"]}, prompt_len=50)
-    runtime.start(req)
+    start(runtime, req)
     # a prefill chunk that covers only part of the prompt: its sampled token is thrown away
     host = runtime.step(one_hot_logits([False]), torch.tensor([1]), torch.tensor([20]))
     assert host.packed[0, rt.FIXED_COLUMNS.index("valid")] == 0
 
 
-def test_invalid_options_reaching_the_scheduler_end_the_request_not_the_server(runtime):
-    bad = FakeReq("bad", 1, {"policy": "cap", "params": {"limit": "high"}})
-    runtime.start(bad)
-    assert isinstance(bad.to_finish, FINISH_ABORT) and "custom_params.entropy.params.limit" in bad.to_finish.message
+def test_invalid_options_reaching_the_scheduler_end_the_request_not_the_server(runtime, monkeypatch):
+    from sglang_entropy.adapter.scheduler import hooks
+    from sglang_entropy.adapter.scheduler.state import SchedulerState
+
+    state = SchedulerState()
+    state.runtime = runtime
+    monkeypatch.setattr(hooks, "STATE", state)
+    bad = FakeReq("bad", 1, {"policy": "deepconf", "params": {"threshold": "high"}})
+    hooks.admit_request(None, SimpleNamespace(rid="bad", sampling_params=bad.sampling_params))
+    hooks.start_requests(True, None, [bad])
+    assert isinstance(bad.to_finish, FINISH_ABORT) and "custom_params.entropy.params.threshold" in bad.to_finish.message
     assert not runtime.active[1] and runtime.num_active == 0  # never served without its policy
+    bad.finished_reason = bad.to_finish
+    hooks.end_request(None, bad)
+    assert state.report()["tracked_requests"] == 0
 
 
 def test_a_failure_while_starting_a_request_ends_it_and_frees_its_slot(runtime, monkeypatch):
@@ -193,16 +206,16 @@ def test_a_failure_while_starting_a_request_ends_it_and_frees_its_slot(runtime, 
 
     monkeypatch.setattr(runtime, "params", [Unwritable(p) for p in runtime.params])
     req = FakeReq("overflow", 3, {"policy": "cap", "params": {"limit": 2.0}})
-    runtime.start(req)
+    start(runtime, req)
     assert isinstance(req.to_finish, FINISH_ABORT) and "OverflowError" in req.to_finish.message
     assert not runtime.active[3] and runtime.policy_index[3] == -1 and runtime.num_active == 0
     other = FakeReq("other", 4, {"return_signals": ["entropy"]})
-    runtime.start(other)  # the runtime goes on serving
+    start(runtime, other)  # the runtime goes on serving
     run_step(runtime, [other], one_hot_logits([False]))
     assert other.finished_reason is None
 
 
-def test_a_stop_reason_the_policy_never_registered_fails_only_its_request(monkeypatch):
+def test_a_stop_reason_the_policy_never_registered_fails_only_its_request():
     class BadReason:
         def decode_step(self, step):
             return DecodeDecision(stop=step.mask, stop_reason=torch.full_like(step.slots, 9))
@@ -215,8 +228,7 @@ def test_a_stop_reason_the_policy_never_registered_fails_only_its_request(monkey
     manager = make_plugin_manager(load_entry_points=False)
     manager.register(Plugin())
     runtime = rt.EntropyRuntime(8, torch.device("cpu"), ServerSettings.from_env({}), PolicyRegistry(manager))
-    monkeypatch.setattr(rt, "_RUNTIME", runtime)
     req = FakeReq("r", 1, {"policy": "cap"})
-    runtime.start(req)
+    start(runtime, req)
     run_step(runtime, [req], one_hot_logits([False]))
     assert isinstance(req.finished_reason, FINISH_ABORT) and "IndexError" in req.finished_reason.message

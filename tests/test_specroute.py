@@ -146,10 +146,14 @@ def test_requests_for_taps_are_validated_against_the_server():
 
 
 def fake_req(custom=None, output_len=3):
+    import uuid
     from types import SimpleNamespace
 
     return SimpleNamespace(
-        sampling_params=SimpleNamespace(custom_params=custom), customized_info=None, output_ids=[0] * output_len
+        rid=uuid.uuid4().hex,
+        sampling_params=SimpleNamespace(custom_params=custom),
+        customized_info=None,
+        output_ids=[0] * output_len,
     )
 
 

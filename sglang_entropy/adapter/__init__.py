@@ -73,14 +73,13 @@ def activate() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     from sglang_entropy.adapter.frontend import serving
-    from sglang_entropy.adapter.scheduler import branching, dllm, drafters, hooks, speculative
+    from sglang_entropy.adapter.scheduler import dllm, drafters, hooks, speculative
 
     for target, hook, hook_type in (
         LAUNCH_HOOK,
         drafters.HOOK,
         *hooks.HOOKS,
         *serving.HOOKS,
-        *branching.HOOKS,
         *dllm.HOOKS,
         *speculative.HOOKS,
         dllm.ALGORITHM_HOOK,

@@ -76,9 +76,3 @@ def entropy_field(meta_info: dict, policy: str | None, offset: int) -> tuple[dic
     if blocks:  # a diffusion LM: forward passes of these tokens' blocks, prompt-only blocks included
         shaped["nfe"] = sum(e["nfe"] + e.get("prompt_nfe", 0) for e in blocks)
     return shaped, end
-
-
-def wants_dllm_trace(custom_params) -> bool:
-    """Whether a request asked for the diffusion debug trace (validated by the tokenizer manager)."""
-    options = custom_params.get("entropy") if isinstance(custom_params, dict) else None
-    return bool(isinstance(options, dict) and options.get("dllm_trace"))

@@ -22,7 +22,8 @@ import torch
 from sglang.srt.dllm.algorithm.base import DllmAlgorithm
 from sglang.srt.plugins.hook_registry import HookType
 
-from sglang_entropy.adapter.protocol import EVENTS_KEY, policy_failure, put_token_value, wants_dllm_trace
+from sglang_entropy.adapter.protocol import EVENTS_KEY, policy_failure, put_token_value
+from sglang_entropy.adapter.scheduler.state import STATE
 from sglang_entropy.registry import installed_policies
 from sglang_entropy.settings import describe_errors
 from sglang_entropy.types import DenoiseStep
@@ -206,12 +207,8 @@ class RunRecord:
     failure: Exception | None = None
 
 
-_LAST_RUN: RunRecord | None = None
-
-
 def count_forwards(original, worker, forward_batch, batch=None):
     """AROUND ``TpModelWorker._forward_batch_generation_dllm``: count each row's forward passes."""
-    global _LAST_RUN
     runner, algorithm = worker.model_runner, worker.dllm_algorithm
     forwards = 0
     done_after: list[int | None] = [None] * forward_batch.batch_size
@@ -231,9 +228,7 @@ def count_forwards(original, worker, forward_batch, batch=None):
 
     ours = hasattr(algorithm, "trace_rows")
     if ours:
-        algorithm.trace_rows = (
-            [wants_dllm_trace(req.sampling_params.custom_params) for req in batch.reqs] if batch is not None else []
-        )
+        algorithm.trace_rows = [_wants_trace(req) for req in batch.reqs] if batch is not None else []
         algorithm.rows, algorithm.failure = [], None
     runner.forward, algorithm.step = counted_forward, recorded_step
     try:
@@ -243,8 +238,16 @@ def count_forwards(original, worker, forward_batch, batch=None):
     record = RunRecord(row_nfe=[forwards if n is None else n for n in done_after])
     if ours:
         record.rows, record.failure = list(algorithm.rows) or None, algorithm.failure
-    _LAST_RUN = record
+    STATE.dllm_run = record
     return result
+
+
+def _wants_trace(req) -> bool:
+    try:
+        options = STATE.options(req)
+    except ValueError:  # the request is aborted when it gets its slot
+        return False
+    return options is not None and options.dllm_trace
 
 
 def _new_tokens(scheduler, req, result, row: int) -> int | None:
@@ -261,26 +264,25 @@ def _new_tokens(scheduler, req, result, row: int) -> int | None:
 
 def attach_blocks(scheduler, batch, result):
     """BEFORE ``process_batch_result_dllm``: one block event per request on its block's first token."""
-    global _LAST_RUN
-    record, _LAST_RUN = _LAST_RUN, None
+    record, STATE.dllm_run = STATE.dllm_run, None
     if record is None:
         return
     policy = installed_policies().dllm_policies().get(scheduler.dllm_config.algorithm)
     for row, req in enumerate(batch.reqs):
         if record.failure is not None:  # SGLang applies it when the request's block is committed
             req.to_finish = policy_failure(policy or scheduler.dllm_config.algorithm, record.failure)
-        req.entropy_block_nfe = getattr(req, "entropy_block_nfe", 0) + record.row_nfe[row]
+        STATE.block_nfe[req.rid] = STATE.block_nfe.get(req.rid, 0) + record.row_nfe[row]
         new_tokens = _new_tokens(scheduler, req, result, row)
         if new_tokens is None:
             continue
-        nfe, req.entropy_block_nfe = req.entropy_block_nfe, 0
+        nfe = STATE.block_nfe.pop(req.rid)
         if new_tokens == 0:  # charged to the request's first generated block
-            req.entropy_prompt_nfe = getattr(req, "entropy_prompt_nfe", 0) + nfe
+            STATE.prompt_nfe[req.rid] = STATE.prompt_nfe.get(req.rid, 0) + nfe
             continue
         event = {"kind": "block", "nfe": nfe, "start": len(req.output_ids), "tokens": new_tokens}
-        prompt_nfe = getattr(req, "entropy_prompt_nfe", 0)
+        prompt_nfe = STATE.prompt_nfe.pop(req.rid, 0)
         if prompt_nfe:
-            event["prompt_nfe"], req.entropy_prompt_nfe = prompt_nfe, 0
+            event["prompt_nfe"] = prompt_nfe
         if record.rows is not None and row < len(record.rows):
             event.update(record.rows[row].report(new_tokens))
         req.customized_info = req.customized_info or {}

@@ -16,7 +16,8 @@ from sglang.srt.plugins.hook_registry import HookType
 from sglang.srt.runtime_context import get_spec
 from sglang.srt.speculative.standalone_worker_v2 import StandaloneDraftWorker
 
-from sglang_entropy.adapter.scheduler.speculative import DECISION_ATTR, Router
+from sglang_entropy.adapter.scheduler.speculative import Router
+from sglang_entropy.adapter.scheduler.state import STATE
 from sglang_entropy.settings import ENV_DRAFTERS, parse_drafters
 from sglang_entropy.types import RouteDecision
 
@@ -38,7 +39,8 @@ def drafter_group(server_args, gpu_id, nccl_port, target_worker, first, paths) -
             f"--entropy-drafters: the first drafter ({paths[0]}) must be --speculative-draft-model-path ({own})"
         )
     names = tuple(os.path.basename(os.path.normpath(p)) for p in paths)
-    router = Router(names)  # fails here, at start-up, when no routing policy is enabled
+    router = Router(names, options=STATE.options)  # fails here, at start-up, when no routing policy is enabled
+    STATE.router = router
     drafters = build_drafters(server_args, gpu_id, nccl_port, target_worker, first, paths)
     for drafter in drafters[1:]:
         vocab = drafter.draft_runner.model_config.vocab_size
@@ -216,7 +218,7 @@ class DrafterGroup:
         if self.pending is not None and not batch.forward_mode.is_idle():
             # Read on the host in the scheduler's result processing (adapter.speculative), where
             # SGLang copies accept_lens anyway: no sync inside the step.
-            setattr(batch_result, DECISION_ATTR, (self.router, self.pending))
+            STATE.route_decisions[id(batch_result)] = (self.router, self.pending)
         self.pending = None
 
 

@@ -28,11 +28,10 @@ from sglang_entropy.adapter.protocol import (
     EVENTS_KEY,
     SIGNAL_KEY,
     EntropyStop,
-    invalid_request,
     policy_failure,
     put_token_value,
 )
-from sglang_entropy.registry import PolicyRegistry, installed_policies
+from sglang_entropy.registry import PolicyRegistry
 from sglang_entropy.settings import ResolvedRequest, ServerSettings
 from sglang_entropy.signals import FULL_VOCAB_SIGNALS, SIGNAL_NAMES, GroupConfidenceWindows, Workspace, token_signals
 from sglang_entropy.types import DecodeStep, GroupParams, RequestInfo
@@ -126,18 +125,11 @@ class EntropyRuntime:
 
     # --- lifecycle (host, once per request) ----------------------------------------------
 
-    def start(self, req) -> None:
-        """``req`` was given a slot; write its settings into the slot before its first step.
-
-        A request this cannot serve as asked ends with an abort naming why (never served
-        without its policy, never a scheduler crash)."""
+    def start(self, req, resolved: ResolvedRequest | None) -> None:
+        """``req`` was given a slot; write its options (``resolved``) into the slot before its
+        first step. A request this cannot serve as asked ends with an abort naming why (never
+        served without its policy, never a scheduler crash)."""
         if req.rid in self.records:  # chunked prefill keeps its slot across chunks
-            return
-        try:
-            resolved = self.settings.resolve(req.sampling_params.custom_params, self.registry)
-        except ValueError as e:  # the tokenizer manager validated it; this guards direct scheduler use
-            logger.warning("request %s: invalid entropy options: %s", req.rid, e)
-            req.to_finish = invalid_request(e)
             return
         if resolved is None or (resolved.policy is not None and resolved.policy not in self.policies):
             return  # nothing asked, or a policy of another path (speculative routing: adapter.speculative)
@@ -247,7 +239,7 @@ class EntropyRuntime:
             except Exception as e:  # fail this policy's requests, not the server
                 logger.exception("policy %s raised in decode_step", name)
                 decisions.failures[index] = e
-        return decisions.pack(valid, token_index, signals)
+        return StepOutput(*decisions.pack(valid, token_index, signals), runtime=self)
 
 
 @dataclass
@@ -281,7 +273,7 @@ class Decisions:
             previous = self.event_columns.get(key, torch.full_like(values, math.nan, dtype=torch.float32))
             self.event_columns[key] = torch.where(mask, values.float(), previous)
 
-    def pack(self, valid, token_index, signals) -> "StepOutput":
+    def pack(self, valid, token_index, signals):
         """One [B, C] tensor for SGLang to copy to the host with the step's other outputs."""
         not_computed = torch.full_like(signals["confidence"], math.nan)
         columns = [
@@ -294,7 +286,7 @@ class Decisions:
             *self.event_columns.values(),
         ]
         packed = torch.stack([c.float() for c in columns], dim=1)  # [B, C]
-        return StepOutput(packed, tuple(self.event_columns), self.failures)
+        return packed, tuple(self.event_columns), self.failures
 
 
 @dataclass(frozen=True)
@@ -304,9 +296,10 @@ class StepOutput:
     packed: torch.Tensor  # [B, len(FIXED_COLUMNS) + len(event_names)] float32
     event_names: tuple[str, ...]
     failures: dict[int, Exception]  # policy index -> what it raised in this step
+    runtime: "EntropyRuntime"  # whose requests the rows are
 
     def copy_to_host(self, copy_tensor: Callable[[torch.Tensor], torch.Tensor]) -> "HostStepOutput":
-        return HostStepOutput(copy_tensor(self.packed), self.event_names, self.failures)
+        return HostStepOutput(copy_tensor(self.packed), self.event_names, self.failures, self.runtime)
 
 
 @dataclass
@@ -316,6 +309,7 @@ class HostStepOutput:
     packed: torch.Tensor
     event_names: tuple[str, ...]
     failures: dict[int, Exception]
+    runtime: "EntropyRuntime"
     _rows: Optional[list] = field(default=None, repr=False)
 
     def rows(self) -> list[dict[str, float]]:
@@ -327,7 +321,7 @@ class HostStepOutput:
 
     def stops(self, batch) -> None:
         """Mark the requests whose policy said stop, before SGLang commits their token."""
-        runtime = current_runtime()
+        runtime = self.runtime
         for req, row in zip(batch.reqs, self.rows(), strict=True):
             record = runtime.records.get(req.rid)
             if record is None or record.info is None or req.finished() or not row["valid"]:
@@ -347,7 +341,7 @@ class HostStepOutput:
     def consume(self, batch, commits: Sequence) -> None:
         """After SGLang committed the step's tokens: their values and events go into each
         request's ``customized_info``. A row that cannot be recorded fails its own request."""
-        runtime = current_runtime()
+        runtime = self.runtime
         for req, row, commit in zip(batch.reqs, self.rows(), commits, strict=True):
             if commit is None or not row["valid"]:
                 continue
@@ -441,20 +435,6 @@ class EntropyObserver:
 
     def after_sample(self, state: StepOutput, token_ids: torch.Tensor) -> StepOutput:
         return state
-
-
-_RUNTIME: EntropyRuntime | None = None
-
-
-def current_runtime() -> EntropyRuntime:
-    assert _RUNTIME is not None, "the entropy runtime starts with the model runner"
-    return _RUNTIME
-
-
-def create_runtime(num_slots: int, device) -> EntropyRuntime:
-    global _RUNTIME
-    _RUNTIME = EntropyRuntime(num_slots, torch.device(device), ServerSettings.from_env(), installed_policies())
-    return _RUNTIME
 
 
 def abort_after_step_failure(observer: EntropyObserver, batch) -> None:

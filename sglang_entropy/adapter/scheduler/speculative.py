@@ -18,14 +18,12 @@ import torch
 from sglang.srt.plugins.hook_registry import HookType
 
 from sglang_entropy.adapter.protocol import EVENTS_KEY, put_token_value
+from sglang_entropy.adapter.scheduler.state import STATE
 from sglang_entropy.registry import PolicyRegistry, installed_policies
 from sglang_entropy.settings import ServerSettings
 from sglang_entropy.types import DraftProposals, RouteDecision
 
 logger = logging.getLogger(__name__)
-
-ROUTE_ATTR = "entropy_route"  # a Req attribute: the request's routing state, gone with the request
-DECISION_ATTR = "entropy_route_decision"  # a step result's attribute: (router, RouteDecision)
 
 
 @dataclass
@@ -55,17 +53,27 @@ def encode_params(params) -> dict[str, float | int]:
 
 
 class Router:
-    def __init__(self, drafter_names: tuple[str, ...], registry: PolicyRegistry | None = None):
+    """Routes every row of a speculative step to a drafter by its request's routing policy.
+
+    ``options(req)`` gives a request's resolved options (the scheduler state's, resolved once
+    per request); each request's routing state is kept by rid until ``forget``."""
+
+    def __init__(self, drafter_names: tuple[str, ...], registry: PolicyRegistry | None = None, options=None):
         self.registry = registry or installed_policies()
         self.settings = ServerSettings.from_env()
         self.drafter_names = drafter_names
         self.default_policy = self.settings.default_routing_policy(self.registry)
+        self.options = options or (lambda req: self.settings.resolve(req.sampling_params.custom_params, self.registry))
+        self.states: dict[str, RouteState] = {}  # rid -> its routing state
+
+    def forget(self, rid: str) -> None:
+        self.states.pop(rid, None)
 
     def _state(self, req) -> RouteState:
-        state = getattr(req, ROUTE_ATTR, None)
+        state = self.states.get(req.rid)
         if state is not None:
             return state
-        resolved = self.settings.resolve(req.sampling_params.custom_params, self.registry)
+        resolved = self.options(req)
         policy = resolved.policy if resolved is not None else None
         if policy is None or self.registry.get(policy).spec.family != "speculative":
             # The frontend validated the request; a decode policy does not route drafts.
@@ -73,8 +81,7 @@ class Router:
             params = self.registry.get(policy).spec.params()
         else:
             params = resolved.params
-        state = RouteState(policy, encode_params(params))
-        setattr(req, ROUTE_ATTR, state)
+        state = self.states[req.rid] = RouteState(policy, encode_params(params))
         req.customized_info = req.customized_info or {}
         req.customized_info.setdefault(EVENTS_KEY, [])
         return state
@@ -112,7 +119,7 @@ class Router:
         drafters = decision.drafter.tolist()
         confidences = decision.confidence.T.tolist()
         for req, drafter, conf, accepted in zip(reqs, drafters, confidences, accept_lens.tolist(), strict=True):
-            state = getattr(req, ROUTE_ATTR, None)
+            state = self.states.get(req.rid)
             if state is None:  # routing failed before this request was resolved (it is aborted)
                 continue
             state.previous = drafter
@@ -128,10 +135,11 @@ class Router:
 
 
 def record_routes(processor, batch, result):
-    """BEFORE SGLang's ``process_batch_result_decode``: the step's route events. The worker left
-    its decision on the result; SGLang waits for the result's host copy first thing in that
-    function, so waiting here first costs nothing more."""
-    route = getattr(result, DECISION_ATTR, None)
+    """BEFORE SGLang's ``process_batch_result_decode``: the step's route events. The drafter
+    group left its decision with the scheduler state, keyed by the step's result; SGLang waits
+    for the result's host copy first thing in that function, so waiting here first costs
+    nothing more."""
+    route = STATE.route_decisions.pop(id(result), None)
     if route is None:
         return
     if result.copy_done is not None:
