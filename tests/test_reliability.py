@@ -223,39 +223,36 @@ def test_group_names_are_scoped_by_the_client_header():
     groups.client_scope(request_with({}), strict, "group_id", SimpleNamespace(group_id=None))  # no name: no need
 
 
-def test_named_groups_in_use_are_capped_and_idle_ones_forgotten(monkeypatch):
-    monkeypatch.setattr(groups, "_NAMED", type(groups._NAMED)())
-    monkeypatch.setattr(groups, "_BUDGETS", type(groups._BUDGETS)())
-    limits = Limits(max_groups=2)
+def test_named_groups_in_use_are_capped_and_idle_ones_forgotten():
+    book = groups.GroupBook(Limits(max_groups=2))
     params = SimpleNamespace(warmup_traces=1)
-    first = groups._named_group("a", "a", "deepconf", params, limits)
+    first = book.named_group("a", "a", "deepconf", params)
     first.requests += 1
-    second = groups._named_group("b", "b", "deepconf", params, limits)
+    second = book.named_group("b", "b", "deepconf", params)
     second.requests += 1
-    assert groups._named_group("a", "a", "deepconf", params, limits) is first  # joining a group in use
+    assert book.named_group("a", "a", "deepconf", params) is first  # joining a group in use
     with pytest.raises(EntropyRequestError, match=r"max_groups"):
-        groups._named_group("c", "c", "deepconf", params, limits)
+        book.named_group("c", "c", "deepconf", params)
     second.requests -= 1
-    groups._named_group("c", "c", "deepconf", params, limits)  # b is idle now: c takes its place
-    assert set(groups._NAMED) == {"deepconf:a", "deepconf:c"}
+    book.named_group("c", "c", "deepconf", params)  # b is idle now: c takes its place
+    assert set(book.named) == {"deepconf:a", "deepconf:c"}
 
 
-def test_a_budget_group_is_sent_to_the_scheduler_under_its_scoped_name(monkeypatch):
-    monkeypatch.setattr(groups, "_NAMED", type(groups._NAMED)())
-    monkeypatch.setattr(groups, "_BUDGETS", type(groups._BUDGETS)())
+def test_a_budget_group_is_sent_to_the_scheduler_under_its_scoped_name():
+    book = groups.GroupBook(Limits(max_groups=1))
     entropy = {"policy": "eager", "params": {"budget_group": "pool", "budget": 3}}
     options = resolve(entropy, temperature=0.7)
     obj = SimpleNamespace(sampling_params={"temperature": 0.7, "custom_params": {"entropy": entropy}})
 
     async def run():
-        async with groups.budget_group(obj, options, "scope-a", Limits(max_groups=1)):
+        async with book.budget_group(obj, options, "scope-a"):
             sent = obj.sampling_params["custom_params"]["entropy"]["params"]["budget_group"]
             assert sent == groups.scoped_name("scope-a", "pool")
             other = SimpleNamespace(sampling_params={"custom_params": {"entropy": entropy}})
             with pytest.raises(EntropyRequestError, match="max_groups"):
-                async with groups.budget_group(other, options, "scope-b", Limits(max_groups=1)):
+                async with book.budget_group(other, options, "scope-b"):
                     pass
-        assert not groups._BUDGETS
+        assert not book.budgets
 
     asyncio.run(run())
     assert entropy["params"]["budget_group"] == "pool"  # the client's own object is left as it was

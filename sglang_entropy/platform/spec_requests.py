@@ -8,7 +8,7 @@ an abort naming the cause (the HTTP layer answers it with 400), before it is eve
 
 from __future__ import annotations
 
-_SAMPLING_EPS = 1e-6  # SGLang's own threshold for "temperature 0 means greedy"
+from sglang_entropy.settings import SAMPLING_EPS as _SAMPLING_EPS  # SGLang samples greedily below it
 
 NOT_GREEDY = (
     "speculative decoding on the portable CPU platform verifies greedily only: "

@@ -9,7 +9,7 @@ parameters carry the group's overrides so far (e.g. the calibrated threshold). W
 until those have finished; a warm-up trace that is aborted hands its place to a waiting one.
 After each finished trace the policy's ``group_trace_finished`` may change the parameters of
 traces not yet started, or stop the group: its running traces are aborted and no more start.
-Groups named by ``group_id`` outlive their requests (the most recently used MAX_NAMED_GROUPS
+Groups named by ``group_id`` outlive their requests (up to ``[limits] max_groups`` of them
 are kept, each with its finished traces' per-token signals) so that later requests join them;
 a group of one ``n`` > 1 request ends with it.
 
@@ -76,9 +76,74 @@ class Group:
             self.changed.notify_all()
 
 
-_NAMED: OrderedDict[str, Group] = OrderedDict()  # scoped group key -> group, least recently used first
-_REQUESTS: dict[str, tuple[Group, list[str]]] = {}  # request rid -> its group and trace rids
-_BUDGETS: Counter[str] = Counter()  # scoped budget group -> requests in flight
+class GroupBook:
+    """The HTTP server process's groups: named groups (by client-scoped key), the traces of the
+    group requests in flight, and the budget groups in use. At most ``[limits] max_groups``
+    named and budget groups are in use at once; idle named groups beyond that are forgotten,
+    least recently used first."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.named: OrderedDict[str, Group] = OrderedDict()  # policy:scoped key -> group, least recent first
+        self.requests: dict[str, tuple[Group, list[str]]] = {}  # request rid -> its group and trace rids
+        self.budgets: Counter[str] = Counter()  # scoped budget group -> requests in flight
+
+    def in_use(self) -> int:
+        return sum(1 for group in self.named.values() if group.requests) + len(self.budgets)
+
+    def _admit_name(self, in_use: bool, field: str) -> None:
+        if not in_use and self.in_use() >= self.limits.max_groups:
+            raise EntropyRequestError(
+                f"custom_params.{REQUEST_KEY}.params.{field}: {self.limits.max_groups} named groups are in use "
+                "on this server ([limits] max_groups); try again when one has finished"
+            )
+
+    def named_group(self, key: str, group_id: str, policy: str, params) -> Group:
+        """The client's group ``group_id`` (``key`` is its scoped name)."""
+        key = f"{policy}:{key}"
+        group = self.named.get(key)
+        self._admit_name(group is not None and group.requests > 0, "group_id")
+        if group is None:
+            group = self.named[key] = Group(group_id, policy, params)
+        self.named.move_to_end(key)
+        idle = [k for k, g in self.named.items() if not g.requests and k != key]
+        for stale in idle[: max(0, len(self.named) - self.limits.max_groups)]:
+            del self.named[stale]
+        return group
+
+    @contextlib.asynccontextmanager
+    async def budget_group(self, obj, options: ResolvedRequest, scope: str):
+        """A branching request that names a ``budget_group``: the scheduler keys the shared
+        budget by the client-scoped name, which replaces the client's name in the request."""
+        name = options.params.budget_group
+        if name is None:
+            yield
+            return
+        key = scoped_name(scope, name)
+        self._admit_name(key in self.budgets, "budget_group")
+        custom = dict(obj.sampling_params.get("custom_params") or {})
+        entropy = dict(custom[REQUEST_KEY])
+        entropy["params"] = {**entropy.get("params", {}), "budget_group": key}
+        custom[REQUEST_KEY] = entropy
+        obj.sampling_params = {**obj.sampling_params, "custom_params": custom}
+        self.budgets[key] += 1
+        try:
+            yield
+        finally:
+            self.budgets[key] -= 1
+            if self.budgets[key] <= 0:
+                del self.budgets[key]
+
+    def abort(self, original, tokenizer_manager, rid: str = "", abort_all: bool = False):
+        """TokenizerManager.abort_request: a group request's rid aborts all its traces."""
+        entry = self.requests.get(rid) if not abort_all else None
+        if entry is None:
+            return original(tokenizer_manager, rid=rid, abort_all=abort_all)
+        group, rids = entry
+        if group.view.params.group_id is None:  # the request's own group: start nothing more
+            group.stopped = True
+        for trace_rid in rids:
+            original(tokenizer_manager, rid=trace_rid)
 
 
 def client_scope(request, scope: GroupScope, field: str, params) -> str:
@@ -96,42 +161,6 @@ def client_scope(request, scope: GroupScope, field: str, params) -> str:
 def scoped_name(scope: str, name: str) -> str:
     """The name the server keys a client's group by (64 hex digits, so it fits a name field)."""
     return hashlib.sha256(f"{scope}\0{name}".encode()).hexdigest()
-
-
-def _groups_in_use() -> int:
-    return sum(1 for group in _NAMED.values() if group.requests) + len(_BUDGETS)
-
-
-def _admit_name(in_use: bool, limits: Limits, field: str) -> None:
-    if not in_use and _groups_in_use() >= limits.max_groups:
-        raise EntropyRequestError(
-            f"custom_params.{REQUEST_KEY}.params.{field}: {limits.max_groups} named groups are in use on this "
-            "server ([limits] max_groups); try again when one has finished"
-        )
-
-
-@contextlib.asynccontextmanager
-async def budget_group(obj, options: ResolvedRequest, scope: str, limits: Limits):
-    """A branching request that names a ``budget_group``: the scheduler keys the shared budget
-    by the client-scoped name, which replaces the client's name in the request sent to it."""
-    name = options.params.budget_group
-    if name is None:
-        yield
-        return
-    key = scoped_name(scope, name)
-    _admit_name(key in _BUDGETS, limits, "budget_group")
-    custom = dict(obj.sampling_params.get("custom_params") or {})
-    entropy = dict(custom[REQUEST_KEY])
-    entropy["params"] = {**entropy.get("params", {}), "budget_group": key}
-    custom[REQUEST_KEY] = entropy
-    obj.sampling_params = {**obj.sampling_params, "custom_params": custom}
-    _BUDGETS[key] += 1
-    try:
-        yield
-    finally:
-        _BUDGETS[key] -= 1
-        if _BUDGETS[key] <= 0:
-            del _BUDGETS[key]
 
 
 def forms_group(options: ResolvedRequest | None, n: int) -> bool:
@@ -160,7 +189,7 @@ def is_group_request(resolved: list[ResolvedRequest | None], n: int) -> bool:
     return len(resolved) == 1 and forms_group(resolved[0], n)
 
 
-async def run(original, tokenizer_manager, obj, request, options: ResolvedRequest, n: int, scope: str, settings):
+async def run(original, tokenizer_manager, obj, request, options: ResolvedRequest, n: int, scope: str, book):
     """Run a group request of ``n`` traces; yields what ``generate_request`` would: one output,
     or a list of ``n`` outputs, each with ``meta_info["entropy"]["group"]``."""
     registry = installed_policies()
@@ -168,11 +197,11 @@ async def run(original, tokenizer_manager, obj, request, options: ResolvedReques
     request_rid = obj.rid if isinstance(obj.rid, str) else uuid.uuid4().hex
     group_id = params.group_id
     if group_id is not None:
-        group = _named_group(scoped_name(scope, group_id), group_id, options.policy, params, settings.config.limits)
+        group = book.named_group(scoped_name(scope, group_id), group_id, options.policy, params)
     else:
         group = Group(request_rid[:128], options.policy, params)
     rids = [f"{request_rid}-{i}" for i in range(n)]
-    _REQUESTS[request_rid] = (group, rids)
+    book.requests[request_rid] = (group, rids)
     group.requests += 1
     tasks = [
         asyncio.create_task(_run_trace(original, tokenizer_manager, obj, request, options, group, rid)) for rid in rids
@@ -183,25 +212,13 @@ async def run(original, tokenizer_manager, obj, request, options: ResolvedReques
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        _REQUESTS.pop(request_rid, None)
+        book.requests.pop(request_rid, None)
         group.requests -= 1
     vote_of = getattr(registry.policy(options.policy), "group_vote", None)
     vote = vote_of(group.view) if vote_of else None
     for output in outputs:
         output["meta_info"]["entropy"]["group"]["vote"] = dataclasses.asdict(vote) if vote is not None else None
     yield outputs if n > 1 else outputs[0]
-
-
-def abort(original, tokenizer_manager, rid: str = "", abort_all: bool = False):
-    """TokenizerManager.abort_request: a group request's rid aborts all its traces."""
-    entry = _REQUESTS.get(rid) if not abort_all else None
-    if entry is None:
-        return original(tokenizer_manager, rid=rid, abort_all=abort_all)
-    group, rids = entry
-    if group.view.params.group_id is None:  # the request's own group: start nothing more
-        group.stopped = True
-    for trace_rid in rids:
-        original(tokenizer_manager, rid=trace_rid)
 
 
 async def _run_trace(original, tokenizer_manager, obj, request, options, group: Group, rid: str) -> dict:
@@ -311,22 +328,6 @@ def _not_started(rid: str, group: Group, options: ResolvedRequest) -> dict:
             },
         },
     }
-
-
-def _named_group(key: str, group_id: str, policy: str, params, limits: Limits) -> Group:
-    """The client's group ``group_id`` (``key`` is its scoped name); a new one is admitted only
-    while fewer than ``max_groups`` groups are in use, and unused groups beyond that many are
-    forgotten, least recently used first."""
-    key = f"{policy}:{key}"
-    group = _NAMED.get(key)
-    _admit_name(group is not None and group.requests > 0, limits, "group_id")
-    if group is None:
-        group = _NAMED[key] = Group(group_id, policy, params)
-    _NAMED.move_to_end(key)
-    idle = [k for k, g in _NAMED.items() if not g.requests and k != key]
-    for stale in idle[: max(0, len(_NAMED) - limits.max_groups)]:
-        del _NAMED[stale]
-    return group
 
 
 def sampling_params_list(sampling_params) -> list[dict]:

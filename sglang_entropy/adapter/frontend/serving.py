@@ -7,20 +7,15 @@ fails.
 
 from __future__ import annotations
 
-import functools
 import json
 
 from sglang.srt.plugins.hook_registry import HookType
 
 from sglang_entropy.adapter.frontend import branches, groups
+from sglang_entropy.adapter.frontend.state import FRONTEND
 from sglang_entropy.adapter.protocol import entropy_field
 from sglang_entropy.registry import installed_policies
-from sglang_entropy.settings import EntropyRequestError, ResolvedRequest, ServerSettings
-
-
-@functools.cache
-def _settings() -> ServerSettings:
-    return ServerSettings.from_env()
+from sglang_entropy.settings import EntropyRequestError, ResolvedRequest
 
 
 def _is_routing_policy(policy: str | None) -> bool:
@@ -41,7 +36,7 @@ def resolve_all(sampling_params) -> list[ResolvedRequest | None]:
         n = _number(params.get("n"), int) or 1
         temperature = _number(params.get("temperature"), float)
         resolved.append(
-            _settings().resolve(
+            FRONTEND.settings.resolve(
                 params.get("custom_params"),
                 installed_policies(),
                 n=n,
@@ -78,11 +73,6 @@ def check_form(obj, resolved: list[ResolvedRequest | None]) -> None:
         groups.check_group_form(bool(obj.stream), isinstance(obj.sampling_params, dict) and groups.single_prompt(obj))
 
 
-# OpenAI streams in flight: id of the request object -> choice index -> entropy values not
-# yet attached to an SSE chunk (see ``openai_stream``).
-_OPENAI_STREAMS: dict[int, dict[int, dict]] = {}
-
-
 def _merge(pending: dict | None, new: dict) -> dict:
     if pending is None:
         return new
@@ -99,8 +89,8 @@ def generate_request(original, tokenizer_manager, obj, request=None):
         resolved = resolve_all(getattr(obj, "sampling_params", None))
         check_form(obj, resolved)
         if branches.is_branching_request(resolved):
-            scope = groups.client_scope(request, _settings().config.groups, "budget_group", resolved[0].params)
-            async with groups.budget_group(obj, resolved[0], scope, _settings().config.limits):
+            scope = groups.client_scope(request, FRONTEND.settings.config.groups, "budget_group", resolved[0].params)
+            async with FRONTEND.groups.budget_group(obj, resolved[0], scope):
                 async for out in branches.generate_with_branches(
                     original, tokenizer_manager, obj, request, resolved[0]
                 ):
@@ -108,11 +98,13 @@ def generate_request(original, tokenizer_manager, obj, request=None):
             return
         n = _number(groups.sampling_params_list(obj.sampling_params)[0].get("n"), int) or 1
         if groups.is_group_request(resolved, n):
-            scope = groups.client_scope(request, _settings().config.groups, "group_id", resolved[0].params)
-            async for out in groups.run(original, tokenizer_manager, obj, request, resolved[0], n, scope, _settings()):
+            scope = groups.client_scope(request, FRONTEND.settings.config.groups, "group_id", resolved[0].params)
+            async for out in groups.run(
+                original, tokenizer_manager, obj, request, resolved[0], n, scope, FRONTEND.groups
+            ):
                 yield out
             return
-        routed = bool(_settings().drafters)  # every request of a drafter server is routed
+        routed = bool(FRONTEND.settings.drafters)  # every request of a drafter server is routed
         if not any(resolved) and tokenizer_manager.server_args.dllm_algorithm is None and not routed:
             async for out in original(tokenizer_manager, obj, request):
                 yield out
@@ -127,13 +119,13 @@ def generate_request(original, tokenizer_manager, obj, request=None):
                 if policy is None and tokenizer_manager.server_args.dllm_algorithm is not None:
                     policy = installed_policies().dllm_policies().get(tokenizer_manager.server_args.dllm_algorithm)
                 if routed and not _is_routing_policy(policy):
-                    policy = _settings().default_routing_policy(installed_policies())
+                    policy = FRONTEND.settings.default_routing_policy(installed_policies())
                 shaped = entropy_field(item.get("meta_info", {}), policy, offsets.get(index, 0))
                 if shaped is not None:
                     item["meta_info"]["entropy"], end = shaped
                     if cumulative:
                         offsets[index] = end
-                    openai_pending = _OPENAI_STREAMS.get(id(obj))
+                    openai_pending = FRONTEND.openai_streams.get(id(obj))
                     if openai_pending is not None:
                         openai_pending[index] = _merge(openai_pending.get(index), item["meta_info"]["entropy"])
             yield out
@@ -152,6 +144,11 @@ async def serve_generate_request(original, obj, request):
     return await original(obj, request)
 
 
+def abort_request(original, tokenizer_manager, rid: str = "", abort_all: bool = False):
+    """TokenizerManager.abort_request: a group request's rid aborts all its traces."""
+    return FRONTEND.groups.abort(original, tokenizer_manager, rid=rid, abort_all=abort_all)
+
+
 def validate_openai_request(original, serving, request):
     error = original(serving, request)
     if error is not None:
@@ -159,7 +156,7 @@ def validate_openai_request(original, serving, request):
     custom = getattr(request, "custom_params", None)
     n = getattr(request, "n", 1) or 1
     try:
-        options = _settings().resolve(
+        options = FRONTEND.settings.resolve(
             custom,
             installed_policies(),
             n=n,
@@ -190,12 +187,12 @@ def openai_stream(original, serving, adapted_request, *args, **kwargs):
 
     async def chunks():
         pending: dict[int, dict] = {}
-        _OPENAI_STREAMS[id(adapted_request)] = pending
+        FRONTEND.openai_streams[id(adapted_request)] = pending
         try:
             async for sse in original(serving, adapted_request, *args, **kwargs):
                 yield _attach_entropy(sse, pending)
         finally:
-            _OPENAI_STREAMS.pop(id(adapted_request), None)
+            FRONTEND.openai_streams.pop(id(adapted_request), None)
 
     return chunks()
 
@@ -218,7 +215,7 @@ _CHAT = f"{_OPENAI}.serving_chat.OpenAIServingChat"
 HOOKS = (
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request", generate_request, HookType.AROUND),
     ("sglang.srt.entrypoints.http_server.serve_generate_request", serve_generate_request, HookType.AROUND),
-    ("sglang.srt.managers.tokenizer_manager.TokenizerManager.abort_request", groups.abort, HookType.AROUND),
+    ("sglang.srt.managers.tokenizer_manager.TokenizerManager.abort_request", abort_request, HookType.AROUND),
     (f"{_COMPLETIONS}._validate_request", validate_openai_request, HookType.AROUND),
     (f"{_CHAT}._validate_request", validate_openai_request, HookType.AROUND),
     (f"{_COMPLETIONS}._build_completion_response", add_openai_metadata, HookType.AFTER),

@@ -1,0 +1,28 @@
+"""The one owner of the adapter's state in the HTTP server process (``FRONTEND``)."""
+
+from __future__ import annotations
+
+import functools
+
+from sglang_entropy.adapter.frontend.groups import GroupBook
+from sglang_entropy.settings import ServerSettings
+
+
+class FrontendState:
+    """Everything the adapter holds in one HTTP server process: the server's settings, the
+    groups of traces and budget groups, and the OpenAI streams in flight."""
+
+    def __init__(self):
+        # id of an OpenAI request object -> choice index -> entropy values not yet sent in a chunk
+        self.openai_streams: dict[int, dict[int, dict]] = {}
+
+    @functools.cached_property
+    def settings(self) -> ServerSettings:
+        return ServerSettings.from_env()  # read when first needed: the launch flags set the environment
+
+    @functools.cached_property
+    def groups(self) -> GroupBook:
+        return GroupBook(self.settings.config.limits)
+
+
+FRONTEND = FrontendState()
