@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from sglang_entropy.registry import installed_policies
 from sglang_entropy.tools import server as sglang_server
-from tests.test_prune_server import entropy_state, used_tokens
+from tests.server_state import entropy_state, used_tokens
 
 pytestmark = pytest.mark.server
 WINDOW = 8

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from ccd_reference import check_trace, threshold
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -11,7 +12,6 @@ from sglang_entropy_ccd import policy as ccd
 
 from sglang_entropy.adapter.scheduler import dllm
 from sglang_entropy.types import DenoiseStep
-from tests.ccd_reference import check_trace, threshold
 
 MASK = 99
 

@@ -7,7 +7,7 @@ import uuid
 import pytest
 import requests
 
-from tests.test_prune_server import entropy_state, used_tokens
+from tests.server_state import entropy_state, used_tokens
 
 pytestmark = pytest.mark.server
 

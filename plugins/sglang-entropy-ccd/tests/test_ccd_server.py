@@ -6,10 +6,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import yaml
+from ccd_reference import check_trace
 from sglang_entropy_ccd.model import addition_problem, ensure_model
 
 from sglang_entropy.tools import server as sglang_server
-from tests.ccd_reference import check_trace
 
 pytestmark = pytest.mark.server
 

@@ -13,9 +13,10 @@ import openai
 import pytest
 import requests
 from sglang_entropy_prune.voting import lowest_group_confidence, traces_from_outputs, vote
+from test_prune import echo_reference
 
 from tests import reference
-from tests.test_prune import echo_reference
+from tests.server_state import entropy_state, used_tokens
 
 pytestmark = pytest.mark.server
 WINDOW = 8
@@ -57,17 +58,6 @@ def assert_first_crossing(meta, threshold):
     else:
         assert not stopped
     return stopped
-
-
-def entropy_state(server):
-    info = requests.get(f"{server.url}/get_server_info", timeout=60).json()
-    return info["internal_states"][0]["entropy"]
-
-
-def used_tokens(server):
-    requests.post(f"{server.url}/flush_cache", timeout=60).raise_for_status()
-    loads = requests.get(f"{server.url}/v1/loads", timeout=60).json()["loads"]
-    return sum(load["num_used_tokens"] for load in loads)
 
 
 def test_group_calibration_sets_the_threshold_from_the_warmup_traces(entropy_server, question):
