@@ -54,7 +54,6 @@ def run_arm(url, arm, texts, args, group):
 
 def run_branch(args) -> int:
     from sglang_entropy_prune.bench import arithmetic_questions, chat_prompts, gsm8k_questions
-    from sglang_entropy_prune.voting import extract_answer
     from transformers import AutoTokenizer
 
     from sglang_entropy.tools import server as sglang_server
@@ -81,35 +80,9 @@ def run_branch(args) -> int:
                 answers = run_arm(url, arm, [texts[i] for i in chunk], args, uuid.uuid4().hex)
                 seconds[arm] += time.perf_counter() - begin
                 for i, outputs in zip(chunk, answers, strict=True):
-                    fmt = questions[i].answer_format
-                    if arm == "full sampling":
-                        found = [extract_answer(o["text"], fmt) for o in outputs]
-                    else:
-                        found = [s.answer for s in sequences(outputs, tokenizer, lambda t, f=fmt: extract_answer(t, f))]
-                    scores[arm].append(
-                        {
-                            "question": i,
-                            "sequences": len(outputs),
-                            "tokens": sum(o["meta_info"]["completion_tokens"] for o in outputs),
-                            "pass": questions[i].answer in found,
-                            "majority": majority(found) == questions[i].answer,
-                        }
-                    )
+                    scores[arm].append(score(i, questions[i], arm, outputs, tokenizer))
             console.print(f"{chunk[-1] + 1}/{len(questions)} questions")
-    base_tokens = sum(r["tokens"] for r in scores["full sampling"])
-    summary = [
-        {
-            "arm": arm,
-            "sequences": sum(r["sequences"] for r in scores[arm]),
-            "tokens": sum(r["tokens"] for r in scores[arm]),
-            "token_ratio": sum(r["tokens"] for r in scores[arm]) / base_tokens,
-            "pass_at_k": sum(r["pass"] for r in scores[arm]) / len(questions),
-            "majority": sum(r["majority"] for r in scores[arm]) / len(questions),
-            "seconds": seconds[arm],
-            "time_ratio": seconds[arm] / seconds["full sampling"],
-        }
-        for arm in arms
-    ]
+    summary = summarize(arms, scores, seconds, len(questions))
     command = bench_command("branch")
     meta = {
         "command": command,
@@ -119,7 +92,49 @@ def run_branch(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "records": scores}, indent=2))
-    table = Table(title=f"{args.task}: {len(questions)} questions, M = {args.max_sequences}")
+    console.print(summary_table(summary, f"{args.task}: {len(questions)} questions, M = {args.max_sequences}"))
+    write_report(out, meta, summary)
+    console.print(f"results written to {out}.md, .json and .png")
+    return 0
+
+
+def score(index: int, question, arm: str, outputs: list[dict], tokenizer) -> dict:
+    """One question's record in one arm: its sequences, tokens, pass@k and majority."""
+    from sglang_entropy_prune.voting import extract_answer
+
+    fmt = question.answer_format
+    if arm == "full sampling":
+        found = [extract_answer(o["text"], fmt) for o in outputs]
+    else:
+        found = [s.answer for s in sequences(outputs, tokenizer, lambda t, f=fmt: extract_answer(t, f))]
+    return {
+        "question": index,
+        "sequences": len(outputs),
+        "tokens": sum(o["meta_info"]["completion_tokens"] for o in outputs),
+        "pass": question.answer in found,
+        "majority": majority(found) == question.answer,
+    }
+
+
+def summarize(arms, scores: dict[str, list[dict]], seconds: dict[str, float], questions: int) -> list[dict]:
+    base_tokens = sum(r["tokens"] for r in scores["full sampling"])
+    return [
+        {
+            "arm": arm,
+            "sequences": sum(r["sequences"] for r in scores[arm]),
+            "tokens": sum(r["tokens"] for r in scores[arm]),
+            "token_ratio": sum(r["tokens"] for r in scores[arm]) / base_tokens,
+            "pass_at_k": sum(r["pass"] for r in scores[arm]) / questions,
+            "majority": sum(r["majority"] for r in scores[arm]) / questions,
+            "seconds": seconds[arm],
+            "time_ratio": seconds[arm] / seconds["full sampling"],
+        }
+        for arm in arms
+    ]
+
+
+def summary_table(summary: list[dict], title: str) -> Table:
+    table = Table(title=title)
     for column in ("arm", "sequences", "tokens", "vs full", "pass@k", "majority", "wall s", "vs full"):
         table.add_column(column)
     for r in summary:
@@ -133,10 +148,7 @@ def run_branch(args) -> int:
             f"{r['seconds']:.1f}",
             f"{r['time_ratio']:.3f}",
         )
-    console.print(table)
-    write_report(out, meta, summary)
-    console.print(f"results written to {out}.md, .json and .png")
-    return 0
+    return table
 
 
 def write_report(out: Path, meta: dict, summary: list[dict]) -> None:

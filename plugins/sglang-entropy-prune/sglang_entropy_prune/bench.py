@@ -143,21 +143,7 @@ def run_prune(args) -> int:
         args.url, model_path, ["--entropy-policies", "deepconf"], progress=console.print
     )
     with launched as url:
-        with Progress(console=console) as progress:
-            task = progress.add_task("questions", total=len(questions))
-            for start in range(0, len(questions), args.concurrency):
-                chunk = list(range(start, min(start + args.concurrency, len(questions))))
-                names = list(plan)
-                shift = (start // args.concurrency) % len(names)
-                for arm in names[shift:] + names[:shift]:
-                    begin = time.perf_counter()
-                    with ThreadPoolExecutor(len(chunk)) as pool:
-                        params = plan[arm]
-                        answers = list(pool.map(lambda i, p=params: ask(url, texts[i], args, p), chunk))
-                    seconds[arm] += time.perf_counter() - begin
-                    for i, (outputs, _) in zip(chunk, answers, strict=True):
-                        records[arm].append({"question": i, **score(questions[i], outputs, args.window)})
-                progress.advance(task, len(chunk))
+        run_arms(url, plan, questions, texts, args, records, seconds, console)
 
     summary = summarize(records, seconds)
     meta = {
@@ -176,7 +162,33 @@ def run_prune(args) -> int:
         "date": datetime.date.today().isoformat(),
     }
     write(Path(args.out), meta, summary, records)
-    table = Table(title=f"{args.task}: {len(questions)} questions x {args.budget} traces, {device}")
+    console.print(summary_table(summary, f"{args.task}: {len(questions)} questions x {args.budget} traces, {device}"))
+    console.print(f"results written to {args.out}.md, .json and .png")
+    return 0
+
+
+def run_arms(url, plan, questions, texts, args, records, seconds, console) -> None:
+    """Every arm on every question, ``args.concurrency`` questions at a time, the arms' order
+    rotating per chunk so drift of the machine hits them alike."""
+    with Progress(console=console) as progress:
+        task = progress.add_task("questions", total=len(questions))
+        for start in range(0, len(questions), args.concurrency):
+            chunk = list(range(start, min(start + args.concurrency, len(questions))))
+            names = list(plan)
+            shift = (start // args.concurrency) % len(names)
+            for arm in names[shift:] + names[:shift]:
+                begin = time.perf_counter()
+                with ThreadPoolExecutor(len(chunk)) as pool:
+                    params = plan[arm]
+                    answers = list(pool.map(lambda i, p=params: ask(url, texts[i], args, p), chunk))
+                seconds[arm] += time.perf_counter() - begin
+                for i, (outputs, _) in zip(chunk, answers, strict=True):
+                    records[arm].append({"question": i, **score(questions[i], outputs, args.window)})
+            progress.advance(task, len(chunk))
+
+
+def summary_table(summary: list[dict], title: str) -> Table:
+    table = Table(title=title)
     for column in ("arm", "tokens", "vs full", "majority", "weighted", "top-10%", "per trace", "wall s", "vs full"):
         table.add_column(column)
     for row in summary:
@@ -191,9 +203,7 @@ def run_prune(args) -> int:
             f"{row['seconds']:.1f}",
             f"{row['time_ratio']:.3f}",
         )
-    console.print(table)
-    console.print(f"results written to {args.out}.md, .json and .png")
-    return 0
+    return table
 
 
 def summarize(records: dict[str, list[dict]], seconds: dict[str, float]) -> list[dict]:

@@ -492,14 +492,7 @@ def build_drafters(
 
     from sglang_entropy.tools.model import build_default_model
 
-    config = BuildConfig(**overrides)
-    if out_dir is not None:
-        config.out_dir = Path(out_dir)
-    if steps is not None:
-        config.steps = steps
-    for domain in config.domains:
-        if domain not in DOMAINS:
-            raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
+    config = build_config(out_dir, steps, overrides)
     torch.set_num_threads(config.threads)
     target_path = Path(config.target) if config.target else build_default_model(progress=progress)
     tokenizer = AutoTokenizer.from_pretrained(target_path)
@@ -528,15 +521,11 @@ def build_drafters(
 
     drafters, losses = {}, {}
     for domain in config.domains:
-        progress(f"training the {domain} drafter ({config.layers} layers, {config.steps} steps)")
-        torch.manual_seed(config.seed)
-        drafter = layer_skip_init(target, config.layers)
-        t0 = time.perf_counter()
-        losses[domain] = train_drafter(drafter, corpus[(domain, "train")], config, pad_id, progress)
-        timings[f"train_{domain}_s"] = time.perf_counter() - t0
-        matrix[domain] = {d: agreement(drafter, corpus[(d, "valid")], config.max_len, pad_id) for d in config.domains}
+        drafters[domain], losses[domain] = train_domain(domain, target, corpus, config, pad_id, timings, progress)
+        matrix[domain] = {
+            d: agreement(drafters[domain], corpus[(d, "valid")], config.max_len, pad_id) for d in config.domains
+        }
         progress(f"{domain} drafter agreement: {matrix[domain]}")
-        drafters[domain] = drafter
 
     out_paths = {}
     for domain, drafter in drafters.items():
@@ -544,33 +533,60 @@ def build_drafters(
         folder.mkdir(parents=True, exist_ok=True)
         drafter.to(torch.bfloat16).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        tail = losses[domain][-20:]
-        card = {
-            "what": f"{domain} drafter for SmolLM2-135M-Instruct (TAPS speculative-draft routing)",
-            "architecture": "LlamaForCausalLM",
-            "layers": config.layers,
-            "vocab_size": drafter.config.vocab_size,
-            "init": f"layer-skip copy of the target's embeddings, final norm and first {config.layers} layers",
-            "training": (
-                "next-token cross-entropy on the target's own greedy answers (response tokens only), "
-                "embeddings and tied lm_head frozen, AdamW, warm-up then cosine decay"
-            ),
-            "target": str(target_path),
-            "domain": domain,
-            "splits": {
-                d: {"train": [0, config.train_prompts], "valid": [900, 900 + config.valid_prompts]}
-                for d in config.domains
-            },
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-            "train_loss_first": losses[domain][0],
-            "train_loss_last20": sum(tail) / len(tail),
-            "agreement": matrix,
-            "timings_s": timings,
-        }
+        card = drafter_card(domain, drafter, config, target_path, losses[domain], matrix, timings)
         (folder / "drafter_card.json").write_text(json.dumps(card, indent=2) + "\n")
         out_paths[domain] = folder
         progress(f"saved {folder}")
     return out_paths
+
+
+def build_config(out_dir, steps, overrides) -> "BuildConfig":
+    config = BuildConfig(**overrides)
+    if out_dir is not None:
+        config.out_dir = Path(out_dir)
+    if steps is not None:
+        config.steps = steps
+    for domain in config.domains:
+        if domain not in DOMAINS:
+            raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
+    return config
+
+
+def train_domain(domain: str, target, corpus, config, pad_id: int, timings: dict, progress):
+    """One domain's drafter, from the layer-skip init of ``target``, and its training losses."""
+    progress(f"training the {domain} drafter ({config.layers} layers, {config.steps} steps)")
+    torch.manual_seed(config.seed)
+    drafter = layer_skip_init(target, config.layers)
+    t0 = time.perf_counter()
+    losses = train_drafter(drafter, corpus[(domain, "train")], config, pad_id, progress)
+    timings[f"train_{domain}_s"] = time.perf_counter() - t0
+    return drafter, losses
+
+
+def drafter_card(domain: str, drafter, config, target_path, losses: list[float], matrix, timings) -> dict:
+    """What a drafter's folder says of its build: init, training, splits, loss and agreement."""
+    tail = losses[-20:]
+    return {
+        "what": f"{domain} drafter for SmolLM2-135M-Instruct (TAPS speculative-draft routing)",
+        "architecture": "LlamaForCausalLM",
+        "layers": config.layers,
+        "vocab_size": drafter.config.vocab_size,
+        "init": f"layer-skip copy of the target's embeddings, final norm and first {config.layers} layers",
+        "training": (
+            "next-token cross-entropy on the target's own greedy answers (response tokens only), "
+            "embeddings and tied lm_head frozen, AdamW, warm-up then cosine decay"
+        ),
+        "target": str(target_path),
+        "domain": domain,
+        "splits": {
+            d: {"train": [0, config.train_prompts], "valid": [900, 900 + config.valid_prompts]} for d in config.domains
+        },
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "train_loss_first": losses[0],
+        "train_loss_last20": sum(tail) / len(tail),
+        "agreement": matrix,
+        "timings_s": timings,
+    }
 
 
 def format_matrix(matrix: dict[str, dict[str, float]]) -> str:
