@@ -246,3 +246,8 @@ def test_launch_flags_are_documented():
     ).stdout
     for flag in ("--enable-entropy", "--entropy-policies", "--entropy-config"):
         assert flag in help_text
+
+
+def test_the_launch_logs_no_error(entropy_server):
+    log = entropy_server.log_path.read_text(errors="replace")
+    assert "Failed to apply hooks" not in log and "Traceback" not in log, entropy_server.log_tail()

@@ -1,0 +1,76 @@
+"""Units of the adapter without a server: launch flags, a group's admission and release."""
+
+import argparse
+import asyncio
+import json
+import os
+
+import pytest
+
+from sglang_entropy.adapter import flags
+from sglang_entropy.adapter.frontend.groups import Group
+
+
+def parser():
+    p = argparse.ArgumentParser()
+    flags.add_flags(None, p)
+    return p
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """The flags write the environment; the test leaves it as it found it (servers launched
+    later in the session inherit it)."""
+    for name in ("SGLANG_ENTROPY_CONFIG", "SGLANG_ENTROPY_POLICIES", "SGLANG_ENTROPY_DRAFTERS"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+def test_flags_set_the_environment_the_subprocesses_read(tmp_path, clean_env):
+    config = tmp_path / "entropy.json"
+    config.write_text(json.dumps({"policies": {"deepconf": {"window_size": 8}}}))
+    parser().parse_args(["--entropy-policies", "deepconf,eager", "--entropy-config", str(config)])
+    assert os.environ["SGLANG_ENTROPY_POLICIES"] == "deepconf,eager"
+    assert os.environ["SGLANG_ENTROPY_CONFIG"] == str(config)
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--entropy-policies", "deepconf,nope"], "nope"),
+        (["--entropy-drafters", "only-one"], "two or more"),
+    ],
+)
+def test_bad_flags_stop_the_parse_with_the_reason(argv, named, capsys, clean_env):
+    with pytest.raises(SystemExit) as exit_:
+        parser().parse_args(argv)
+    assert exit_.value.code != 0
+    assert named in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_bad_config_file_stops_the_parse(tmp_path, capsys, clean_env):
+    config = tmp_path / "entropy.toml"
+    config.write_text('[policies.deepconf]\nthreshold = "abc"\n')
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--entropy-config", str(config)])
+    assert "policies.deepconf.threshold" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert "SGLANG_ENTROPY_CONFIG" not in os.environ  # nothing half-set
+
+
+def test_a_groups_warmup_traces_run_first_and_an_aborted_one_hands_over_its_place():
+    async def run():
+        group = Group("g", "deepconf", type("P", (), {"warmup_traces": 2})())
+        first, second = await group.admit(), await group.admit()
+        assert (first, second) == ("warmup", "warmup")
+        third = asyncio.create_task(group.admit())
+        await asyncio.sleep(0)
+        assert not third.done()  # waits for the warm-up
+        await group.release("warmup", aborted=True)  # its place goes to the waiting trace
+        assert await third == "warmup"
+        await group.release("warmup", aborted=False)
+        await group.release("warmup", aborted=False)
+        assert await group.admit() == "calibrated"
+        group.stopped = True
+        assert await group.admit() is None
+
+    asyncio.run(run())
