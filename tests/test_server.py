@@ -248,6 +248,6 @@ def test_launch_flags_are_documented():
         assert flag in help_text
 
 
-def test_the_launch_logs_no_error(entropy_server):
+def test_the_launch_logs_no_hook_error(entropy_server):
     log = entropy_server.log_path.read_text(errors="replace")
-    assert "Failed to apply hooks" not in log and "Traceback" not in log, entropy_server.log_tail()
+    assert "Failed to apply hooks" not in log and "Failed to execute general plugin" not in log, log[:4000]
