@@ -58,9 +58,9 @@ def collected_hooks() -> list[tuple[str, str, object, HookType]]:
     hooks.append(
         ("sglang_entropy.adapter.load", "sglang.srt.server_args.ServerArgs.add_cli_args", add_flags, HookType.AFTER)
     )
-    # PortableCpuPlatform.init_backend registers spec_requests.HOOK and spec_worker.DRAFTER_HOOK as AFTER ...
+    # PortableCpuPlatform.init_backend registers spec_requests.HOOK (AFTER), spec_worker.DRAFTER_HOOK (REPLACE) ...
     hooks.append(("sglang_entropy.platform.spec_requests.HOOK", *spec_requests.HOOK, HookType.AFTER))
-    hooks.append(("sglang_entropy.platform.spec_worker.DRAFTER_HOOK", *spec_worker.DRAFTER_HOOK, HookType.AFTER))
+    hooks.append(("sglang_entropy.platform.spec_worker.DRAFTER_HOOK", *spec_worker.DRAFTER_HOOK, HookType.REPLACE))
     # ... and spec_kernels.install() every spec_kernels._TARGETS entry as REPLACE.
     hooks += [
         ("sglang_entropy.platform.spec_kernels._TARGETS", target, getattr(spec_kernels, name), HookType.REPLACE)
@@ -154,13 +154,12 @@ def overrides():
     from sglang_entropy.platform.kv_pool import PortableMHATokenToKVPool
     from sglang_entropy.platform.portable_cpu import PortableCpuPlatform
     from sglang_entropy.platform.spec_attention import PortableSpecAttnBackend
-    from sglang_entropy.platform.spec_worker import PortableStandaloneDraftWorker, PortableStandaloneWorker
+    from sglang_entropy.platform.spec_worker import PortableStandaloneWorker
 
     subclasses = [
         PortableCpuPlatform,
         PortableMHATokenToKVPool,
         PortableSpecAttnBackend,
-        PortableStandaloneDraftWorker,
         PortableStandaloneWorker,
     ]
     pairs = [(cls, cls.__mro__[1:]) for cls in subclasses]

@@ -61,7 +61,7 @@ class PortableCpuPlatform(CpuDeviceMixin, SRTPlatform):
         # Sampled requests on a speculative server fail alone instead of crashing the scheduler.
         HookRegistry.register(*spec_requests.HOOK, HookType.AFTER)
         # Every STANDALONE drafter SGLang (or the adapter) builds gets the torch-native draft attention.
-        HookRegistry.register(*spec_worker.DRAFTER_HOOK, HookType.AFTER)
+        HookRegistry.register(*spec_worker.DRAFTER_HOOK, HookType.REPLACE)
         HookRegistry.apply_hooks()
 
     def get_kv_pool_cls(self, *, kind):

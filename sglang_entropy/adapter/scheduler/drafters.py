@@ -86,9 +86,9 @@ class DrafterGroup:
     Every drafter drafts its chain; the router picks one per request and only that chain is
     verified; then every drafter runs its draft extend on the accepted tokens, so all their KV
     caches stay in step. They share the target's ``req_to_token`` pool and allocator (each
-    writes the same slot ids in its own KV buffer). Between drafters the batch is restored:
-    draft and draft extend rewrite its fields. The first guess of drafter d for the next step
-    travels in column d of the draft input's ``topk_index`` / ``topk_p`` ([B, D]), which
+    writes the same slot ids in its own KV buffer). Draft and draft extend rewrite the batch's
+    fields, so every drafter but the last works on a copy of it (``_each``). The first guess of
+    drafter d for the next step travels in column d of the draft input's ``topk_index`` / ``topk_p`` ([B, D]), which
     SGLang's ``filter_batch`` / ``merge_batch`` slice along the batch only; ``topk_p`` holds
     the real draft probability of that guess.
     """
@@ -124,23 +124,24 @@ class DrafterGroup:
     # --- the speculative step ------------------------------------------------------------------
 
     def _each(self, batch, run):
-        """``run(d, drafter)`` for every drafter on the same batch state; the last drafter's
-        changes stay (as with one drafter)."""
-        saved = dict(batch.__dict__)
-        input_ids = batch.input_ids.clone() if batch.input_ids is not None else None
+        """``run(d, drafter, batch)`` for every drafter on the same batch state: the last one on
+        SGLang's batch, whose changes stay (as with one drafter), the others on shallow copies
+        (the fields they set are their own, and so are the input ids, which prefill's draft
+        extend rotates in place)."""
         results = []
+        last = len(self.drafters) - 1
         for d, drafter in enumerate(self.drafters):
-            if d:
-                batch.__dict__.clear()
-                batch.__dict__.update(saved)
-                if input_ids is not None:  # prefill's draft extend rotates it in place
-                    batch.input_ids = input_ids.clone()
+            view = batch
+            if d < last:
+                view = copy.copy(batch)
+                if batch.input_ids is not None:
+                    view.input_ids = batch.input_ids.clone()
             self.recorders[d].rows.clear()
-            results.append(run(d, drafter))
+            results.append(run(d, drafter, view))
         return results
 
     def _draft_extend_for_prefill(self, batch, *args, **kwargs):
-        def run(d, drafter):
+        def run(d, drafter, batch):
             draft_input = drafter._draft_extend_for_prefill(batch, *args, **kwargs)
             rows = self.recorders[d].rows[-1]
             if rows.shape[0] != draft_input.topk_index.shape[0]:
@@ -162,7 +163,7 @@ class DrafterGroup:
     def draft(self, batch):
         spec_info = batch.spec_info
 
-        def run(d, drafter):
+        def run(d, drafter, batch):
             batch.spec_info = copy.copy(spec_info)
             batch.spec_info.topk_index = spec_info.topk_index[:, d : d + 1]
             batch.spec_info.topk_p = spec_info.topk_p[:, d : d + 1]
@@ -203,7 +204,7 @@ class DrafterGroup:
         )
 
     def _draft_extend_for_decode(self, batch, batch_result, **kwargs):
-        def run(d, drafter):
+        def run(d, drafter, batch):
             drafter._draft_extend_for_decode(batch, batch_result, **kwargs)
             draft_input = copy.copy(batch_result.next_draft_input)
             # Draft extend runs over num_draft_tokens rows per request; the last accepted one
