@@ -39,6 +39,7 @@ def assert_healthy_and_idle(server):
     state = entropy_state(server)
     assert state["active_requests"] == 0 and state["active_slots"] == 0, state
     assert state["branching_requests"] == 0 and state["tracked_sequences"] == 0, state
+    assert state["tracked_requests"] == 0 and state["budget_pools_in_use"] == 0, state
 
 
 def assert_400(response, *named):
