@@ -22,10 +22,11 @@ def model_path():
 @pytest.fixture(scope="session")
 def entropy_server(model_path, tmp_path_factory):
     """The real SGLang server with the adapter, the deepconf, echo and eager policies enabled, and a
-    config file that sets deepconf's default window to 8 tokens and at most 32 sequences per request."""
+    config file that sets deepconf's default window to 8 tokens and at most 32 sequences per request,
+    and SGLang's metrics on."""
     config = tmp_path_factory.mktemp("config") / "entropy.json"
     config.write_text(json.dumps({"policies": {"deepconf": {"window_size": 8}}, "limits": {"max_sequences": 32}}))
-    args = ["--entropy-policies", "deepconf,echo,eager", "--entropy-config", str(config)]
+    args = ["--entropy-policies", "deepconf,echo,eager", "--entropy-config", str(config), "--enable-metrics"]
     with sglang_server.launch(model_path, enable_entropy=True, extra_args=args) as server:
         yield server
 

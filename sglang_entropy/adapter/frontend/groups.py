@@ -31,6 +31,7 @@ import logging
 import uuid
 from collections import Counter, OrderedDict
 
+from sglang_entropy.adapter.metrics import NoMetrics
 from sglang_entropy.adapter.protocol import entropy_field
 from sglang_entropy.registry import installed_policies
 from sglang_entropy.settings import REQUEST_KEY, EntropyRequestError, GroupScope, Limits, ResolvedRequest
@@ -82,8 +83,9 @@ class GroupBook:
     named and budget groups are in use at once; idle named groups beyond that are forgotten,
     least recently used first."""
 
-    def __init__(self, limits: Limits):
+    def __init__(self, limits: Limits, metrics=None):
         self.limits = limits
+        self.metrics = metrics or NoMetrics()
         self.named: OrderedDict[str, Group] = OrderedDict()  # policy:scoped key -> group, least recent first
         self.requests: dict[str, tuple[Group, list[str]]] = {}  # request rid -> its group and trace rids
         self.budgets: Counter[str] = Counter()  # scoped budget group -> requests in flight
@@ -204,7 +206,8 @@ async def run(original, tokenizer_manager, obj, request, options: ResolvedReques
     book.requests[request_rid] = (group, rids)
     group.requests += 1
     tasks = [
-        asyncio.create_task(_run_trace(original, tokenizer_manager, obj, request, options, group, rid)) for rid in rids
+        asyncio.create_task(_run_trace(original, tokenizer_manager, obj, request, options, group, rid, book.metrics))
+        for rid in rids
     ]
     try:
         outputs = await asyncio.gather(*tasks)
@@ -221,7 +224,7 @@ async def run(original, tokenizer_manager, obj, request, options: ResolvedReques
     yield outputs if n > 1 else outputs[0]
 
 
-async def _run_trace(original, tokenizer_manager, obj, request, options, group: Group, rid: str) -> dict:
+async def _run_trace(original, tokenizer_manager, obj, request, options, group: Group, rid: str, metrics) -> dict:
     """One trace of a group: wait for its turn, run it with the group's parameters so far, and
     hand the finished trace to the policy's group method."""
     role = await group.admit()
@@ -242,7 +245,7 @@ async def _run_trace(original, tokenizer_manager, obj, request, options, group: 
         finish = meta.get("finish_reason") or {}
         aborted = finish.get("type") == "abort"
         if not aborted:
-            _trace_finished(output, rid, role, group, options, tokenizer_manager)
+            _trace_finished(output, rid, role, group, options, tokenizer_manager, metrics)
     finally:
         group.running.discard(rid)
         await group.release(role, aborted)
@@ -277,7 +280,7 @@ def _trace_request(obj, rid: str, options: ResolvedRequest, group: Group):
     return sub, trace_params
 
 
-def _trace_finished(output: dict, rid: str, role: str, group: Group, options: ResolvedRequest, tokenizer_manager):
+def _trace_finished(output: dict, rid: str, role: str, group: Group, options: ResolvedRequest, manager, metrics):
     meta = output["meta_info"]
     finish = meta.get("finish_reason") or {}
     summary = TraceSummary(
@@ -293,18 +296,21 @@ def _trace_finished(output: dict, rid: str, role: str, group: Group, options: Re
     finished = getattr(installed_policies().policy(options.policy), "group_trace_finished", None)
     update = finished(group.view, summary) if finished else None
     if update is not None:
-        _apply(update, group, options, tokenizer_manager)
+        _apply(update, group, options, manager, metrics)
 
 
-def _apply(update, group: Group, options: ResolvedRequest, tokenizer_manager) -> None:
+def _apply(update, group: Group, options: ResolvedRequest, tokenizer_manager, metrics) -> None:
     if update.params:
         overrides = {**group.view.overrides, **update.params}
         # validated like a request's own parameters: a bad value fails the group, loudly
         spec = installed_policies().get(options.policy).spec
         spec.params.model_validate({**options.params.model_dump(exclude_none=True), **overrides})
         group.view.overrides = overrides
+        if update.params.get("threshold") is not None:  # a threshold set from the group's traces
+            metrics.calibration(options.policy, update.params["threshold"])
     if update.stop_group and not group.stopped:
         group.stopped = True
+        metrics.consensus_stop(options.policy)
         logger.info("group %s stopped; aborting its %d running traces", group.view.group_id, len(group.running))
         for rid in list(group.running):
             tokenizer_manager.abort_request(rid)

@@ -88,12 +88,16 @@ def generate_request(original, tokenizer_manager, obj, request=None):
     async def outputs():
         resolved = resolve_all(getattr(obj, "sampling_params", None))
         check_form(obj, resolved)
+        for options in resolved:
+            if options is not None and options.policy is not None:
+                FRONTEND.metrics.request(options.policy)
         if branches.is_branching_request(resolved):
             scope = groups.client_scope(request, FRONTEND.settings.config.groups, "budget_group", resolved[0].params)
             async with FRONTEND.groups.budget_group(obj, resolved[0], scope):
                 async for out in branches.generate_with_branches(
                     original, tokenizer_manager, obj, request, resolved[0]
                 ):
+                    FRONTEND.metrics.sequences(len(out))
                     yield out
             return
         n = _number(groups.sampling_params_list(obj.sampling_params)[0].get("n"), int) or 1

@@ -15,6 +15,7 @@ import logging
 from array import array
 from collections import Counter, OrderedDict
 
+from sglang_entropy.adapter.metrics import NoMetrics
 from sglang_entropy.adapter.protocol import policy_failure
 from sglang_entropy.types import BranchParams
 
@@ -24,8 +25,9 @@ logger = logging.getLogger(__name__)
 class BranchBook:
     """The scheduler's bookkeeping of branching requests: their sequences and budget pools."""
 
-    def __init__(self, max_idle_pools: int):
+    def __init__(self, max_idle_pools: int, metrics=None):
         self.max_idle_pools = max_idle_pools  # [limits] max_groups
+        self.metrics = metrics or NoMetrics()
         self.scheduler = None  # SGLang's scheduler: forks queue children through it
         self.tokenized: dict = {}  # rid -> TokenizedGenerateReqInput of requests with a policy
         self.root: dict[str, str] = {}  # rid -> rid of the client request it belongs to
@@ -88,6 +90,7 @@ class BranchBook:
             except Exception as e:
                 logger.exception("fork of %s failed", req.rid)
                 req.to_finish = policy_failure("branching", e)
+                self.metrics.failure("branching")
 
     def _fork_row(self, req, row, runtime) -> None:
         record, root = runtime.records.get(req.rid), self.root.get(req.rid)
@@ -100,8 +103,11 @@ class BranchBook:
         if params.budget_group is not None:
             width = min(width, self.pools.get(params.budget_group, 0))
         index = int(row["token_index"])  # the token sampled now; the children replace it
-        if width <= 0 or (index == 0 and req.rid != root):
+        if index == 0 and req.rid != root:
             return  # a child's first token is itself the alternative at its parent's branch point
+        if width <= 0:  # the request's sequences or its budget group's are spent
+            self.metrics.forks(applied=0, refused=int(row["branch_width"]))
+            return
         shared = len(req.origin_input_ids) + index
         req.refresh_fill_ids()
         self.scheduler.tree_cache.checkpoint(req, up_to=shared)
@@ -113,6 +119,7 @@ class BranchBook:
             if params.budget_group is not None:
                 self.pools[params.budget_group] -= len(children)
             runtime.children[(req.rid, index)] = children
+            self.metrics.forks(applied=len(children), refused=int(row["branch_width"]) - len(children))
         logger.debug("fork %s at token %d into %s (%d shared tokens)", req.rid, index, children, shared)
 
     def _queue_child(self, req, root: str, index: int) -> str:

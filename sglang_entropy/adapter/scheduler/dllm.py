@@ -271,6 +271,7 @@ def attach_blocks(scheduler, batch, result):
     for row, req in enumerate(batch.reqs):
         if record.failure is not None:  # SGLang applies it when the request's block is committed
             req.to_finish = policy_failure(policy or scheduler.dllm_config.algorithm, record.failure)
+            STATE.metrics.failure(policy or scheduler.dllm_config.algorithm)
         STATE.block_nfe[req.rid] = STATE.block_nfe.get(req.rid, 0) + record.row_nfe[row]
         new_tokens = _new_tokens(scheduler, req, result, row)
         if new_tokens is None:
@@ -280,6 +281,7 @@ def attach_blocks(scheduler, batch, result):
             STATE.prompt_nfe[req.rid] = STATE.prompt_nfe.get(req.rid, 0) + nfe
             continue
         event = {"kind": "block", "nfe": nfe, "start": len(req.output_ids), "tokens": new_tokens}
+        STATE.metrics.dllm_block(nfe)
         prompt_nfe = STATE.prompt_nfe.pop(req.rid, 0)
         if prompt_nfe:
             event["prompt_nfe"] = prompt_nfe

@@ -40,6 +40,7 @@ def drafter_group(server_args, gpu_id, nccl_port, target_worker, first, paths) -
         )
     names = tuple(os.path.basename(os.path.normpath(p)) for p in paths)
     router = Router(names, options=STATE.options)  # fails here, at start-up, when no routing policy is enabled
+    router.metrics = STATE.metrics
     STATE.router = router
     drafters = build_drafters(server_args, gpu_id, nccl_port, target_worker, first, paths)
     for drafter in drafters[1:]:

@@ -23,6 +23,7 @@ def install_observer(result, model_runner, *args, **kwargs):
     num_slots = model_runner.req_to_token_pool.req_to_token.shape[0]
     device = torch.device(model_runner.device)
     STATE.runtime = runtime.EntropyRuntime(num_slots, device, STATE.settings, installed_policies())
+    STATE.runtime.metrics = STATE.metrics
     STATE.observer = runtime.EntropyObserver(STATE.runtime)
     model_runner.sampling_observer = STATE.observer
 

@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from sglang_entropy.adapter.metrics import NoMetrics
 from sglang_entropy.adapter.protocol import (
     EVENTS_KEY,
     SIGNAL_KEY,
@@ -89,6 +90,7 @@ class EntropyRuntime:
         self.policy_index = zeros(torch.int64).fill_(-1)
         self.windows = GroupConfidenceWindows(num_slots, signals.max_window, device)
         self.workspace = Workspace()
+        self.metrics = NoMetrics()  # the scheduler's Metrics with --enable-metrics
         # numeric parameters of each policy, one value per slot
         self.params: list[dict[str, torch.Tensor]] = []
         self.state: list[dict[str, torch.Tensor]] = []
@@ -141,6 +143,7 @@ class EntropyRuntime:
             self.active[req.kv.req_pool_idx] = False
             self.policy_index[req.kv.req_pool_idx] = -1
             req.to_finish = policy_failure(resolved.policy or "signals", e)
+            self.metrics.failure(resolved.policy or "signals")
 
     def _start(self, req, resolved: ResolvedRequest) -> None:
         slot = req.kv.req_pool_idx
@@ -179,6 +182,7 @@ class EntropyRuntime:
             except Exception as e:
                 logger.exception("policy %s failed to start request %s", resolved.policy, req.rid)
                 req.to_finish = policy_failure(resolved.policy, e)
+                self.metrics.failure(resolved.policy)
         req.customized_info = req.customized_info or {}
         for name in resolved.return_signals:
             req.customized_info.setdefault(SIGNAL_KEY + name, [])
@@ -328,6 +332,7 @@ class HostStepOutput:
                 continue
             if record.policy_index in self.failures:
                 req.to_finish = policy_failure(record.info.policy, self.failures[record.policy_index])
+                runtime.metrics.failure(record.info.policy)
                 continue
             if not row["stop"]:
                 continue
@@ -335,8 +340,12 @@ class HostStepOutput:
                 reason = _stop_reason(runtime, record, row)
             except IndexError as e:  # the policy gave a reason it did not register
                 req.to_finish = policy_failure(record.info.policy, e)
+                runtime.metrics.failure(record.info.policy)
                 continue
             req.to_finish = EntropyStop(record.info.policy, reason, int(row["token_index"]))
+            max_new_tokens = getattr(req.sampling_params, "max_new_tokens", None) or 0
+            tokens_left = max_new_tokens - int(row["token_index"]) - 1
+            runtime.metrics.stop(record.info.policy, reason, tokens_left)
 
     def consume(self, batch, commits: Sequence) -> None:
         """After SGLang committed the step's tokens: their values and events go into each
@@ -364,6 +373,7 @@ def _record_token(req, record: RequestRecord, row: dict, index: int, event_names
     if record.info is not None:
         events = _events(record, row, event_names, runtime)
         put_token_value(info[EVENTS_KEY], index, events or None)
+        runtime.metrics.tokens(record.info.policy)
 
 
 def _events(record: RequestRecord, row: dict, event_names, runtime) -> list[dict]:
@@ -446,6 +456,7 @@ def abort_after_step_failure(observer: EntropyObserver, batch) -> None:
         record = runtime.records.get(req.rid)
         if record is not None and not req.finished():
             req.to_finish = policy_failure(record.resolved.policy or "signal step", error)
+            runtime.metrics.failure(record.resolved.policy or "signal step")
 
 
 def find_host_output(result) -> HostStepOutput | None:

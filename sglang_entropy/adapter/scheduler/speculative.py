@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from sglang.srt.plugins.hook_registry import HookType
 
+from sglang_entropy.adapter.metrics import NoMetrics
 from sglang_entropy.adapter.protocol import EVENTS_KEY, put_token_value
 from sglang_entropy.adapter.scheduler.state import STATE
 from sglang_entropy.registry import PolicyRegistry, installed_policies
@@ -65,6 +66,7 @@ class Router:
         self.default_policy = self.settings.default_routing_policy(self.registry)
         self.options = options or (lambda req: self.settings.resolve(req.sampling_params.custom_params, self.registry))
         self.states: dict[str, RouteState] = {}  # rid -> its routing state
+        self.metrics = NoMetrics()  # the scheduler's Metrics with --enable-metrics
 
     def forget(self, rid: str) -> None:
         self.states.pop(rid, None)
@@ -132,6 +134,7 @@ class Router:
                 "accepted": accepted,
             }
             put_token_value(req.customized_info[EVENTS_KEY], len(req.output_ids), [event])
+            self.metrics.route(self.drafter_names[drafter], accepted)
 
 
 def record_routes(processor, batch, result):

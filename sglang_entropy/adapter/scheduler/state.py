@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 
+from sglang_entropy.adapter.metrics import metrics_for_this_process
 from sglang_entropy.adapter.scheduler.branching import BranchBook
 from sglang_entropy.registry import installed_policies
 from sglang_entropy.settings import ResolvedRequest, ServerSettings
@@ -32,8 +33,12 @@ class SchedulerState:
         return ServerSettings.from_env()  # read when first needed: the launch flags set the environment
 
     @functools.cached_property
+    def metrics(self):
+        return metrics_for_this_process()
+
+    @functools.cached_property
     def branches(self) -> BranchBook:
-        return BranchBook(max_idle_pools=self.settings.config.limits.max_groups)
+        return BranchBook(max_idle_pools=self.settings.config.limits.max_groups, metrics=self.metrics)
 
     def admit(self, scheduler, recv_req) -> None:
         """A request reached the scheduler: resolve its options once."""
