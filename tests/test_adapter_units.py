@@ -74,3 +74,25 @@ def test_a_groups_warmup_traces_run_first_and_an_aborted_one_hands_over_its_plac
         assert await group.admit() is None
 
     asyncio.run(run())
+
+
+def test_the_dashboard_plots_only_metrics_the_adapter_exports():
+    import re
+    from pathlib import Path
+
+    from prometheus_client import REGISTRY
+
+    from sglang_entropy.adapter.metrics import Metrics, NoMetrics
+
+    Metrics({"model_name": "m"})  # registers the adapter's metrics in this process
+    exported = {sample for family in REGISTRY.collect() for sample in _sample_names(family)}
+    dashboard = (Path(__file__).parents[1] / "examples/monitoring/sglang-entropy-dashboard.json").read_text()
+    plotted = set(re.findall(r"sglang:entropy_\w+", dashboard))
+    assert plotted and plotted <= exported, plotted - exported
+    NoMetrics().stop("deepconf", "low", 3)  # off: any event is a no-op
+
+
+def _sample_names(family):
+    name = family.name
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(family.type, ("",))
+    return [name + suffix for suffix in suffixes]
