@@ -13,6 +13,21 @@ from __future__ import annotations
 import functools
 
 
+class ProcessState:
+    """What both of the adapter's state owners (``STATE``, ``FRONTEND``) read lazily: the
+    server's settings (the launch flags set the environment first) and this process's metrics."""
+
+    @functools.cached_property
+    def settings(self):
+        from sglang_entropy.settings import ServerSettings
+
+        return ServerSettings.from_env()
+
+    @functools.cached_property
+    def metrics(self):
+        return metrics_for_this_process()
+
+
 @functools.cache
 def metrics_for_this_process():
     """``Metrics`` when the server runs with ``--enable-metrics``, else ``NoMetrics`` (one per

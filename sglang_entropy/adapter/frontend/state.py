@@ -5,25 +5,16 @@ from __future__ import annotations
 import functools
 
 from sglang_entropy.adapter.frontend.groups import GroupBook
-from sglang_entropy.adapter.metrics import metrics_for_this_process
-from sglang_entropy.settings import ServerSettings
+from sglang_entropy.adapter.metrics import ProcessState
 
 
-class FrontendState:
+class FrontendState(ProcessState):
     """Everything the adapter holds in one HTTP server process: the server's settings, its
     metrics, the groups of traces and budget groups, and the OpenAI streams in flight."""
 
     def __init__(self):
         # id of an OpenAI request object -> choice index -> entropy values not yet sent in a chunk
         self.openai_streams: dict[int, dict[int, dict]] = {}
-
-    @functools.cached_property
-    def settings(self) -> ServerSettings:
-        return ServerSettings.from_env()  # read when first needed: the launch flags set the environment
-
-    @functools.cached_property
-    def metrics(self):
-        return metrics_for_this_process()
 
     @functools.cached_property
     def groups(self) -> GroupBook:

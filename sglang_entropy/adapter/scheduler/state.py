@@ -5,15 +5,15 @@ from __future__ import annotations
 import functools
 import logging
 
-from sglang_entropy.adapter.metrics import metrics_for_this_process
+from sglang_entropy.adapter.metrics import ProcessState
 from sglang_entropy.adapter.scheduler.branching import BranchBook
 from sglang_entropy.registry import installed_policies
-from sglang_entropy.settings import ResolvedRequest, ServerSettings
+from sglang_entropy.settings import ResolvedRequest
 
 logger = logging.getLogger(__name__)
 
 
-class SchedulerState:
+class SchedulerState(ProcessState):
     """Everything the adapter holds in one scheduler process: each request's options (resolved
     once, by rid, when the request reaches the scheduler), the runtime with its slot buffers and
     observer, branch bookkeeping, the last dLLM run and the speculative router."""
@@ -27,14 +27,6 @@ class SchedulerState:
         self.prompt_nfe: dict[str, int] = {}  # rid -> forwards of prompt-only blocks not reported yet
         self.router = None  # speculative Router, with --entropy-drafters
         self.route_decisions: dict[int, tuple] = {}  # id(step result) -> (router, RouteDecision)
-
-    @functools.cached_property
-    def settings(self) -> ServerSettings:
-        return ServerSettings.from_env()  # read when first needed: the launch flags set the environment
-
-    @functools.cached_property
-    def metrics(self):
-        return metrics_for_this_process()
 
     @functools.cached_property
     def branches(self) -> BranchBook:
