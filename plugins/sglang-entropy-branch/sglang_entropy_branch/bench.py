@@ -19,6 +19,7 @@ from pathlib import Path
 
 import requests
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from sglang_entropy.tools.commands import bench_command
@@ -71,7 +72,8 @@ def run_branch(args) -> int:
     scores = {arm: [] for arm in arms}
     seconds = dict.fromkeys(arms, 0.0)
     launched = sglang_server.server_url(args.url, model_path, ["--entropy-policies", "eager"], progress=console.print)
-    with launched as url:
+    with launched as url, Progress(console=console) as progress:
+        task = progress.add_task("questions", total=len(questions))
         for start in range(0, len(questions), args.concurrency):
             chunk = list(range(start, min(start + args.concurrency, len(questions))))
             shift = (start // args.concurrency) % len(arms)
@@ -81,12 +83,12 @@ def run_branch(args) -> int:
                 seconds[arm] += time.perf_counter() - begin
                 for i, outputs in zip(chunk, answers, strict=True):
                     scores[arm].append(score(i, questions[i], arm, outputs, tokenizer))
-            console.print(f"{chunk[-1] + 1}/{len(questions)} questions")
+            progress.advance(task, len(chunk))
     summary = summarize(arms, scores, seconds, len(questions))
     command = bench_command("branch")
     meta = {
-        "command": command,
-        **{k: v for k, v in vars(args).items() if k != "func"},
+        **{k: v for k, v in vars(args).items() if k not in ("func", "command", "model_builders")},
+        "command": command,  # after the arguments: argparse's own "command" is the subcommand's name
         "date": datetime.date.today().isoformat(),
     }
     out = Path(args.out)
