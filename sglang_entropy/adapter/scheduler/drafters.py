@@ -218,7 +218,7 @@ class DrafterGroup:
         results = self._each(batch, run)
         batch_result.next_draft_input = self._combine([r[0] for r in results], [r[1] for r in results])
         if self.pending is not None and not batch.forward_mode.is_idle():
-            # Read on the host in the scheduler's result processing (adapter.speculative), where
+            # Read on the host in the scheduler's result processing (adapter.scheduler.speculative), where
             # SGLang copies accept_lens anyway: no sync inside the step.
             STATE.route_decisions[id(batch_result)] = (self.router, self.pending)
         self.pending = None

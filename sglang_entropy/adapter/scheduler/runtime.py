@@ -1,13 +1,14 @@
 """The adapter's scheduler side: per-slot device buffers, the decode-step observer, and the
 host-side bookkeeping that turns device decisions into finished requests and response fields.
 
-Only this package knows SGLang's internals. The flow per step:
+The flow per step:
 1. ``EntropyObserver.before_grammar`` (model runner, device): signals for every row of the
    batch, group-confidence windows, every active policy's ``decode_step``; all results are
    stacked into one [B, C] tensor (``StepOutput``) that SGLang copies to the host with the
    step's other outputs, without a sync in the step.
-2. ``apply_stop_decisions`` (scheduler, before SGLang commits the step's tokens): rows whose
-   policy said stop get ``req.to_finish``, so the request ends on exactly that token.
+2. ``HostStepOutput.stops`` (scheduler, from ``hooks.apply_stops`` before SGLang commits the
+   step's tokens): rows whose policy said stop get ``req.to_finish``, so the request ends on
+   exactly that token; then the branch bookkeeping forks the rows that asked for it.
 3. ``HostStepOutput.consume`` (scheduler, after the commit): the committed tokens' signals and
    events go into ``req.customized_info``, which SGLang streams to the tokenizer manager.
 """
@@ -108,7 +109,7 @@ class EntropyRuntime:
         # Requests that left their slot since the last consume: SGLang frees a finished
         # request's slot before it hands us the request's last token.
         self.ended: dict[str, RequestRecord] = {}
-        # (rid, token index) -> rids of the children forked there (adapter.branching), for the branch event
+        # (rid, token index) -> rids of the children forked there (scheduler.branching), for the branch event
         self.children: dict[tuple[str, int], list[str]] = {}
         self.active_per_policy = [0] * len(self.policies)
         self.signal_users: Counter[str] = Counter()  # running requests that need each signal
@@ -134,7 +135,7 @@ class EntropyRuntime:
         if req.rid in self.records:  # chunked prefill keeps its slot across chunks
             return
         if resolved is None or (resolved.policy is not None and resolved.policy not in self.policies):
-            return  # nothing asked, or a policy of another path (speculative routing: adapter.speculative)
+            return  # nothing asked, or a policy of another path (speculative routing: scheduler.speculative)
         try:
             self._start(req, resolved)
         except Exception as e:
