@@ -96,3 +96,56 @@ def _sample_names(family):
     name = family.name
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(family.type, ("",))
     return [name + suffix for suffix in suffixes]
+
+
+def test_the_launcher_binds_ranks_to_cores_and_waits_for_tokenizer_workers(monkeypatch):
+    from sglang_entropy.tools.server import cpu_scale_out_env
+
+    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert cpu_scale_out_env(["--dp-size", "2"]) == {"SGLANG_CPU_OMP_THREADS_BIND": "0-1|2-3"}
+    assert cpu_scale_out_env(["--dp-size", "2", "--tp-size", "2"]) == {"SGLANG_CPU_OMP_THREADS_BIND": "0|1|2|3"}
+    assert cpu_scale_out_env(["--tokenizer-worker-num", "2"]) == {"SGLANG_UVICORN_WORKER_HEALTHCHECK_TIMEOUT": "180"}
+    assert cpu_scale_out_env([]) == {}
+
+
+def test_named_groups_are_refused_where_tokenizer_workers_would_split_them(monkeypatch):
+    from sglang_entropy.adapter.frontend import serving
+    from sglang_entropy.registry import installed_policies
+    from sglang_entropy.settings import EntropyRequestError, ServerConfig, ServerSettings
+
+    settings = ServerSettings(enabled=True, allowed_policies=None, config=ServerConfig())
+    named = settings.resolve({"entropy": {"policy": "deepconf", "params": {"group_id": "g"}}}, installed_policies())
+    traces = settings.resolve({"entropy": {"policy": "deepconf"}}, installed_policies(), n=4)
+    serving.check_where_groups_meet([named, traces])  # one tokenizer worker: fine
+    monkeypatch.setattr(serving, "tokenizer_workers", lambda: 2)
+    serving.check_where_groups_meet([traces, None])  # a group of one request: fine anywhere
+    with pytest.raises(EntropyRequestError, match="tokenizer-worker-num"):
+        serving.check_where_groups_meet([named])
+
+
+def test_a_budget_groups_requests_are_pinned_to_one_data_parallel_rank():
+    from types import SimpleNamespace
+
+    from sglang_entropy.adapter.frontend.groups import GroupBook, scoped_name
+    from sglang_entropy.registry import installed_policies
+    from sglang_entropy.settings import EntropyRequestError, Limits
+
+    book = GroupBook(Limits())
+    options = SimpleNamespace(params=installed_policies().get("eager").spec.params(budget_group="pool", budget=3))
+    entropy = {"policy": "eager", "params": {"budget_group": "pool", "budget": 3}}
+
+    def rank_of(scope, routed=None):
+        obj = SimpleNamespace(sampling_params={"custom_params": {"entropy": entropy}}, routed_dp_rank=routed)
+
+        async def run():
+            async with book.budget_group(obj, options, scope, ranks=4):
+                return obj.routed_dp_rank
+
+        return asyncio.run(run())
+
+    rank = rank_of("a")
+    assert rank == int(scoped_name("a", "pool")[:8], 16) % 4
+    assert rank_of("a") == rank_of("a", routed=rank) == rank  # every request of the group: one rank
+    with pytest.raises(EntropyRequestError, match="routed_dp_rank"):
+        rank_of("a", routed=(rank + 1) % 4)

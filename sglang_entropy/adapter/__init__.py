@@ -15,6 +15,8 @@ from sglang.srt.plugins.hook_registry import HookType
 from sglang_entropy.settings import ENV_ENABLE, ServerSettings
 
 _activated = False
+HTTP_APP_ENV = "SGLANG_HTTP_SERVER_APP_PATH"  # the app SGLang's uvicorn tokenizer workers import
+HTTP_APP = "sglang_entropy.adapter.frontend.app:app"
 
 
 def load() -> None:
@@ -63,6 +65,7 @@ def activate() -> None:
     sets the environment so SGLang's subprocesses activate at their own plugin load."""
     global _activated
     os.environ[ENV_ENABLE] = "1"
+    os.environ.setdefault(HTTP_APP_ENV, HTTP_APP)  # tokenizer workers load the plugins too
     if _activated:
         return
     _activated = True

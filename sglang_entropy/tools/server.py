@@ -74,12 +74,37 @@ def standalone_args(drafter: str | Path, num_steps: int = 3, drafters=()) -> lis
     return args
 
 
-def server_env(extra_env=None) -> dict[str, str]:
+def server_env(extra_env=None, extra_args=()) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("SGLANG_ENTROPY_ENABLE", None)  # the flag decides, not a stray variable
+    env.pop("SGLANG_HTTP_SERVER_APP_PATH", None)  # --enable-entropy points it at the adapter's app
     if not has_gpu():
         env["SGLANG_PLATFORM"] = "portable_cpu"
+        env.update(cpu_scale_out_env(list(extra_args)))
     env.update(extra_env or {})
+    return env
+
+
+def cpu_scale_out_env(args: list[str]) -> dict[str, str]:
+    """What SGLang needs on a CPU for several ranks or tokenizer workers: each DP x TP rank its
+    own cores (SGLang otherwise asserts one rank per NUMA node), and tokenizer workers time to
+    start on a slow machine (uvicorn kills a worker not up within 10 s)."""
+
+    def value(flag: str) -> int:
+        return int(args[args.index(flag) + 1]) if flag in args else 1
+
+    env = {}
+    ranks = value("--dp-size") * value("--tp-size")
+    if ranks > 1 and "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ:
+        cores = os.cpu_count() or ranks
+        per_rank = cores // ranks
+        if per_rank <= 1:  # one core per rank, shared round-robin when there are more ranks than cores
+            binds = [str(r % cores) for r in range(ranks)]
+        else:
+            binds = [f"{r * per_rank}-{(r + 1) * per_rank - 1}" for r in range(ranks)]
+        env["SGLANG_CPU_OMP_THREADS_BIND"] = "|".join(binds)
+    if value("--tokenizer-worker-num") > 1:
+        env.setdefault("SGLANG_UVICORN_WORKER_HEALTHCHECK_TIMEOUT", "180")
     return env
 
 
@@ -109,7 +134,7 @@ def launch(model_path, enable_entropy=True, extra_args=(), extra_env=None, timeo
     log = tempfile.NamedTemporaryFile(prefix="sglang-entropy-server-", suffix=".log", delete=False)
     process = subprocess.Popen(
         server_command(model_path, port, enable_entropy, extra_args),
-        env=server_env(extra_env),
+        env=server_env(extra_env, extra_args),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -114,14 +114,24 @@ class GroupBook:
         return group
 
     @contextlib.asynccontextmanager
-    async def budget_group(self, obj, options: ResolvedRequest, scope: str):
+    async def budget_group(self, obj, options: ResolvedRequest, scope: str, ranks: int = 1):
         """A branching request that names a ``budget_group``: the scheduler keys the shared
-        budget by the client-scoped name, which replaces the client's name in the request."""
+        budget by the client-scoped name, which replaces the client's name in the request.
+        Budgets live in a scheduler, so with ``ranks`` > 1 data-parallel ranks every request of
+        the group is pinned to one rank, chosen by the name."""
         name = options.params.budget_group
         if name is None:
             yield
             return
         key = scoped_name(scope, name)
+        if ranks > 1:
+            rank = int(key[:8], 16) % ranks
+            if getattr(obj, "routed_dp_rank", None) not in (None, rank):
+                raise EntropyRequestError(
+                    f"routed_dp_rank: the requests of this budget_group run on data-parallel rank {rank}, where "
+                    "their shared budget is kept"
+                )
+            obj.routed_dp_rank = rank
         self._admit_name(key in self.budgets, "budget_group")
         custom = dict(obj.sampling_params.get("custom_params") or {})
         entropy = dict(custom[REQUEST_KEY])

@@ -15,7 +15,8 @@ from sglang_entropy.adapter.frontend import branches, groups
 from sglang_entropy.adapter.frontend.state import FRONTEND
 from sglang_entropy.adapter.protocol import entropy_field
 from sglang_entropy.registry import installed_policies
-from sglang_entropy.settings import EntropyRequestError, ResolvedRequest
+from sglang_entropy.settings import REQUEST_KEY, EntropyRequestError, ResolvedRequest
+from sglang_entropy.types import GroupParams
 
 
 def _is_routing_policy(policy: str | None) -> bool:
@@ -61,6 +62,28 @@ def runs_sequences(options: ResolvedRequest | None, n: int) -> bool:
     return groups.forms_group(options, n) or installed_policies().get(options.policy).spec.branches
 
 
+def tokenizer_workers() -> int:
+    from sglang.srt.runtime_context import get_serving
+
+    try:
+        return get_serving().tokenizer_worker_num or 1
+    except Exception:  # outside a server (unit tests)
+        return 1
+
+
+def check_where_groups_meet(resolved: list[ResolvedRequest | None]) -> None:
+    """Named groups meet in one HTTP server process: with several tokenizer workers the
+    requests of a ``group_id`` would land on different workers, so they are refused (a group
+    of ``n`` traces in one request works anywhere)."""
+    workers = tokenizer_workers()
+    if workers > 1 and any(o is not None and isinstance(o.params, GroupParams) and o.params.group_id for o in resolved):
+        raise EntropyRequestError(
+            f"custom_params.{REQUEST_KEY}.params.group_id: named groups meet in one HTTP server process, and this "
+            f"server runs {workers} tokenizer workers (--tokenizer-worker-num); send the group as one request "
+            "with n > 1, or serve with one tokenizer worker"
+        )
+
+
 def check_form(obj, resolved: list[ResolvedRequest | None]) -> None:
     """A /generate request that runs several sequences takes one prompt with one set of
     sampling parameters and is not streamed (raises EntropyRequestError naming the form)."""
@@ -71,6 +94,7 @@ def check_form(obj, resolved: list[ResolvedRequest | None]) -> None:
     ]
     if any(multi):
         groups.check_group_form(bool(obj.stream), isinstance(obj.sampling_params, dict) and groups.single_prompt(obj))
+    check_where_groups_meet(resolved)
 
 
 def _merge(pending: dict | None, new: dict) -> dict:
@@ -93,7 +117,8 @@ def generate_request(original, tokenizer_manager, obj, request=None):
                 FRONTEND.metrics.request(options.policy)
         if branches.is_branching_request(resolved):
             scope = groups.client_scope(request, FRONTEND.settings.config.groups, "budget_group", resolved[0].params)
-            async with FRONTEND.groups.budget_group(obj, resolved[0], scope):
+            ranks = getattr(tokenizer_manager, "elastic_worker_count", 1) or 1  # data-parallel ranks
+            async with FRONTEND.groups.budget_group(obj, resolved[0], scope, ranks):
                 async for out in branches.generate_with_branches(
                     original, tokenizer_manager, obj, request, resolved[0]
                 ):
@@ -171,6 +196,7 @@ def validate_openai_request(original, serving, request):
             prompt = getattr(request, "prompt", None)  # completions; chat requests have one conversation
             single = not (isinstance(prompt, list) and prompt and not isinstance(prompt[0], int))
             groups.check_group_form(bool(getattr(request, "stream", False)), single)
+        check_where_groups_meet([options])
     except EntropyRequestError as e:
         return str(e)
     return None
