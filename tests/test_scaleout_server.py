@@ -51,7 +51,8 @@ def test_every_tokenizer_worker_serves_the_adapter(two_tokenizer_workers):
 def test_branches_and_groups_of_one_request_work_across_workers(two_tokenizer_workers):
     server = two_tokenizer_workers
     for _ in range(3):
-        sequences = generate(server, {"policy": "eager", "params": {"threshold": 0.0, "max_sequences": 3}}).json()
+        eager = {"policy": "eager", "params": {"threshold": 0.0, "max_sequences": 3}}
+        sequences = generate(server, eager, ignore_eos=True).json()
         assert len(sequences) == 3  # every forked child was collected by the worker that asked
     group = generate(server, {"policy": "deepconf", "params": {"warmup_traces": 2}}, n=4, max_new_tokens=12).json()
     roles = sorted(o["meta_info"]["entropy"]["group"]["role"] for o in group)
@@ -71,7 +72,7 @@ def test_a_budget_group_holds_across_data_parallel_ranks(model_path):
         with ThreadPoolExecutor(2) as pool:
             answers = list(
                 pool.map(
-                    lambda t: generate(server, {"policy": "eager", "params": params}, text=t).json(),
+                    lambda t: generate(server, {"policy": "eager", "params": params}, text=t, ignore_eos=True).json(),
                     ["What is 3 + 4?", "Name a colour."],
                 )
             )
