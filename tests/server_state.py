@@ -1,6 +1,8 @@
-"""What the tests read of a launched server's state: the adapter's and SGLang's KV usage."""
+"""What the tests read of a launched server's state: the adapter's, SGLang's KV usage, and the
+adapter's metrics on ``/metrics``."""
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def entropy_state(server):
@@ -14,3 +16,20 @@ def used_tokens(server):
     requests.post(f"{server.url}/flush_cache", timeout=60).raise_for_status()
     loads = requests.get(f"{server.url}/v1/loads", timeout=60).json()["loads"]
     return sum(load["num_used_tokens"] for load in loads)
+
+
+def scrape(url: str) -> dict:
+    """(sample name, labels without model_name) -> value, for the adapter's metrics."""
+    text = requests.get(f"{url}/metrics", timeout=60).text
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("sglang:entropy_"):
+                labels = frozenset((k, v) for k, v in sample.labels.items() if k != "model_name")
+                values[(sample.name, labels)] = sample.value
+    return values
+
+
+def delta(before: dict, after: dict, name: str, **labels) -> float:
+    key = (name, frozenset(labels.items()))
+    return after.get(key, 0.0) - before.get(key, 0.0)

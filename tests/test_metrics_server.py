@@ -4,27 +4,11 @@ config sets deepconf's window to 8 tokens)."""
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server_state import delta, scrape
 
 pytestmark = pytest.mark.server
 WINDOW = 8
-
-
-def scrape(server) -> dict:
-    """(sample name, labels without model_name) -> value, for the adapter's metrics."""
-    text = requests.get(f"{server.url}/metrics", timeout=60).text
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.startswith("sglang:entropy_"):
-                labels = frozenset((k, v) for k, v in sample.labels.items() if k != "model_name")
-                values[(sample.name, labels)] = sample.value
-    return values
-
-
-def delta(before: dict, after: dict, name: str, **labels) -> float:
-    key = (name, frozenset(labels.items()))
-    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 def generate(server, text, entropy, **sampling):
@@ -36,7 +20,7 @@ def generate(server, text, entropy, **sampling):
 
 
 def test_counters_equal_what_the_responses_say(entropy_server):
-    before = scrape(entropy_server)
+    before = scrape(entropy_server.url)
     prompts = ["What is 3 + 4?", "Name a colour.", "Write a word."]
     pruned = [
         o
@@ -58,7 +42,7 @@ def test_counters_equal_what_the_responses_say(entropy_server):
     group = generate(
         entropy_server, "What is 3 + 4?", {"policy": "deepconf", "params": {"warmup_traces": 2}}, n=3, max_new_tokens=12
     )
-    after = scrape(entropy_server)
+    after = scrape(entropy_server.url)
 
     stops = [e for o in pruned + group for e in o["meta_info"]["entropy"]["events"] if e["kind"] == "stop"]
     reasons = [e["reason"] for e in stops]

@@ -10,6 +10,7 @@ from ccd_reference import check_trace
 from sglang_entropy_ccd.model import addition_problem, ensure_model
 
 from sglang_entropy.tools import server as sglang_server
+from tests.server_state import delta, scrape
 
 pytestmark = pytest.mark.server
 
@@ -32,7 +33,8 @@ def _launch(model, algorithm, config, tmp_path_factory, extra=()):
 
 @pytest.fixture(scope="module")
 def ccd_server(dllm_model, tmp_path_factory):
-    with _launch(dllm_model, "CCD", CCD_CONFIG, tmp_path_factory, ["--max-running-requests", "4"]) as server:
+    extra = ["--max-running-requests", "4", "--enable-metrics"]
+    with _launch(dllm_model, "CCD", CCD_CONFIG, tmp_path_factory, extra) as server:
         yield server
 
 
@@ -105,6 +107,16 @@ def test_nfe_reaches_openai_clients(ccd_server):
     completion = response.json()
     assert completion["choices"][0]["text"].strip() == "112"
     assert completion["metadata"]["entropy"][0]["nfe"] >= 2
+
+
+def test_forwards_per_block_metric_equals_the_block_events(ccd_server):
+    before = scrape(ccd_server.url)
+    outputs = [_generate(ccd_server.url, f"{a}+{b}=") for a, b in ((12, 7), (305, 498), (9, 990))]
+    after = scrape(ccd_server.url)
+    blocks = [e for o in outputs for e in o["meta_info"]["entropy"]["events"] if e["kind"] == "block"]
+    assert blocks
+    assert delta(before, after, "sglang:entropy_dllm_forwards_per_block_count") == len(blocks)
+    assert delta(before, after, "sglang:entropy_dllm_forwards_per_block_sum") == sum(e["nfe"] for e in blocks)
 
 
 def test_selecting_ccd_per_request_is_a_clear_400(ccd_server):

@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from sglang_entropy.tools import server as sglang_server
+from tests.server_state import delta, scrape
 
 pytestmark = pytest.mark.server
 
@@ -35,15 +36,19 @@ def truncated_copy(model_path, out_dir, layers=2):
 
 
 def run(model_path, prompts, extra_args):
-    with sglang_server.launch(model_path, enable_entropy=False, extra_args=COMMON_ARGS + extra_args) as server:
+    """The outputs of one batch, and the adapter's metrics after it (the server runs with
+    ``--enable-metrics``)."""
+    args = [*COMMON_ARGS, *extra_args, "--enable-metrics"]
+    with sglang_server.launch(model_path, enable_entropy=False, extra_args=args) as server:
         params = [
             {"temperature": 0, "max_new_tokens": MAX_NEW_TOKENS, **({"custom_params": c} if c else {})} for c in CUSTOM
         ]
+        before = scrape(server.url)
         response = requests.post(
             f"{server.url}/generate", json={"text": prompts, "sampling_params": params}, timeout=900
         )
         assert response.status_code == 200, f"{response.status_code}: {response.text}\n{server.log_tail()}"
-        return response.json()
+        return response.json(), before, scrape(server.url)
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +61,9 @@ def outputs(model_path, tokenizer, tmp_path_factory):
     ]
     small = truncated_copy(model_path, tmp_path_factory.mktemp("drafter") / "SmolLM2-2layers")
     # One server at a time: on a small CPU machine two would compete for the same cores.
-    plain = run(model_path, prompts, [])
-    routed = run(model_path, prompts, sglang_server.standalone_args(model_path, 3, [model_path, small]))
-    return plain, routed
+    plain, _, _ = run(model_path, prompts, [])
+    routed, *metrics = run(model_path, prompts, sglang_server.standalone_args(model_path, 3, [model_path, small]))
+    return plain, routed, metrics
 
 
 def routes(output):
@@ -66,14 +71,14 @@ def routes(output):
 
 
 def test_routed_greedy_output_equals_plain_decoding(outputs):
-    plain, routed = outputs
+    plain, routed, _ = outputs
     for p, r in zip(plain, routed, strict=True):
         assert r["output_ids"] == p["output_ids"]
         assert r["text"] == p["text"]
 
 
 def test_every_step_routes_to_the_most_confident_drafter(outputs):
-    _, routed = outputs
+    _, routed, _ = outputs
     for output in routed:
         events = routes(output)
         assert len(events) == output["meta_info"]["spec_verify_ct"], output["meta_info"]
@@ -90,13 +95,13 @@ def test_every_step_routes_to_the_most_confident_drafter(outputs):
 
 
 def test_a_forced_drafter_is_always_verified(outputs):
-    _, routed = outputs
+    _, routed, _ = outputs
     events = routes(routed[2])
     assert events and all(e["drafter"] == 1 and e["drafter_name"] == "SmolLM2-2layers" for e in events)
 
 
 def test_acceptance_length_is_reported_and_agrees_with_sglang(outputs):
-    _, routed = outputs
+    _, routed, _ = outputs
     for output in routed:
         meta = output["meta_info"]
         events = routes(output)
@@ -111,8 +116,18 @@ def test_acceptance_length_is_reported_and_agrees_with_sglang(outputs):
 def test_only_the_chosen_chain_is_verified(outputs):
     # Drafter A is the target itself: its chains are mostly accepted (and keep being so after
     # steps routed to B, which needs its KV kept in step); the 2-layer B's almost never are.
-    _, routed = outputs
+    _, routed, _ = outputs
     on_a = [e["accepted"] for e in routes(routed[0]) if e["drafter"] == 0]
     assert on_a and sum(on_a) / len(on_a) > 2, on_a
     forced_b = [e["accepted"] for e in routes(routed[2])]
     assert sum(forced_b) / len(forced_b) < 1.5, forced_b
+
+
+def test_route_metrics_equal_the_route_events(outputs):
+    _, routed, (before, after) = outputs
+    events = [e for output in routed for e in routes(output)]
+    for name in ("SmolLM2-135M-Instruct", "SmolLM2-2layers"):
+        expected = sum(e["drafter_name"] == name for e in events)
+        assert delta(before, after, "sglang:entropy_routes_total", drafter=name) == expected
+    assert delta(before, after, "sglang:entropy_accepted_tokens_per_step_count") == len(events)
+    assert delta(before, after, "sglang:entropy_accepted_tokens_per_step_sum") == sum(e["accepted"] for e in events)
