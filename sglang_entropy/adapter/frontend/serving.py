@@ -19,8 +19,17 @@ from sglang_entropy.settings import REQUEST_KEY, EntropyRequestError, ResolvedRe
 from sglang_entropy.types import GroupParams
 
 
-def _is_routing_policy(policy: str | None) -> bool:
-    return policy is not None and installed_policies().get(policy).spec.family == "speculative"
+def _policy_label(options: ResolvedRequest | None, tokenizer_manager, routed: bool) -> str | None:
+    """The policy a prompt's ``meta_info["entropy"]`` names: its own; on a diffusion server the
+    launched algorithm's; on a drafter server its routing policy or the default one."""
+    policy = options.policy if options else None
+    algorithm = tokenizer_manager.server_args.dllm_algorithm
+    if policy is None and algorithm is not None:
+        policy = installed_policies().dllm_policies().get(algorithm)
+    routing = policy is not None and installed_policies().get(policy).spec.family == "speculative"
+    if routed and not routing:
+        policy = FRONTEND.settings.default_routing_policy(installed_policies())
+    return policy
 
 
 def resolve_all(sampling_params) -> list[ResolvedRequest | None]:
@@ -140,15 +149,11 @@ def generate_request(original, tokenizer_manager, obj, request=None):
             return
         cumulative = obj.stream and not tokenizer_manager.incremental_streaming_output
         offsets: dict[int, int] = {}
+        labels = [_policy_label(options, tokenizer_manager, routed) for options in resolved or [None]]
         async for out in original(tokenizer_manager, obj, request):
             for position, item in enumerate(out if isinstance(out, list) else [out]):
                 index = item.get("index", position)
-                request_options = resolved[index] if index < len(resolved) else (resolved[0] if resolved else None)
-                policy = request_options.policy if request_options else None
-                if policy is None and tokenizer_manager.server_args.dllm_algorithm is not None:
-                    policy = installed_policies().dllm_policies().get(tokenizer_manager.server_args.dllm_algorithm)
-                if routed and not _is_routing_policy(policy):
-                    policy = FRONTEND.settings.default_routing_policy(installed_policies())
+                policy = labels[index] if index < len(labels) else labels[0]
                 shaped = entropy_field(item.get("meta_info", {}), policy, offsets.get(index, 0))
                 if shaped is not None:
                     item["meta_info"]["entropy"], end = shaped

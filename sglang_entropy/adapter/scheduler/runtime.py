@@ -352,6 +352,7 @@ class HostStepOutput:
         """After SGLang committed the step's tokens: their values and events go into each
         request's ``customized_info``. A row that cannot be recorded fails its own request."""
         runtime = self.runtime
+        tokens_per_policy: Counter[str] = Counter()  # one metrics update per policy and step
         for req, row, commit in zip(batch.reqs, self.rows(), commits, strict=True):
             if commit is None or not row["valid"]:
                 continue
@@ -364,6 +365,12 @@ class HostStepOutput:
                 logger.exception("request %s: recording its token failed", req.rid)
                 if not req.finished():
                     req.to_finish = policy_failure(record.resolved.policy or "signals", e)
+                    runtime.metrics.failure(record.resolved.policy or "signals")
+                continue
+            if record.info is not None:
+                tokens_per_policy[record.info.policy] += 1
+        for policy, count in tokens_per_policy.items():
+            runtime.metrics.tokens(policy, count)
         runtime.ended.clear()
 
 
@@ -374,7 +381,6 @@ def _record_token(req, record: RequestRecord, row: dict, index: int, event_names
     if record.info is not None:
         events = _events(record, row, event_names, runtime)
         put_token_value(info[EVENTS_KEY], index, events or None)
-        runtime.metrics.tokens(record.info.policy)
 
 
 def _events(record: RequestRecord, row: dict, event_names, runtime) -> list[dict]:
