@@ -49,6 +49,8 @@ def register_commands(commands):
     NAME``; ``commands.add_model(flag, help, build)`` adds ``sglang-entropy build-model FLAG``
     and returns that command's parser for further options (``build(args)`` returns the
     model's path). Set ``parser.set_defaults(func=run)``; ``run(args)`` returns the exit code.
+    ``commands.add_demo_arm(DemoArm(name, policy, ask))`` adds the policy to the side-by-side
+    that ``sglang-entropy demo`` runs against full sampling (``sglang_entropy.tools.commands``).
     Returns nothing.
     """
 

@@ -71,12 +71,9 @@ def test_forms_a_request_of_several_sequences_cannot_take_get_400(entropy_server
         ("/generate", {"text": "Hi", "sampling_params": {**sampling, "n": 2}}, "sampling_params.n"),
         ("/generate", {"text": "Hi", "sampling_params": [sampling]}, "one set of sampling_params"),
         ("/generate", {"text": ["Hi", "Yo"], "sampling_params": [sampling, sampling]}, "one prompt"),
-        ("/generate", {"text": "Hi", "stream": True, "sampling_params": sampling}, "cannot be streamed"),
         ("/v1/completions", {**completion, **eager, "prompt": ["Hi", "Yo"]}, "one prompt"),
         ("/v1/completions", {**completion, **eager, "n": 2}, "sampling_params.n"),
-        ("/v1/completions", {**completion, **eager, "stream": True}, "cannot be streamed"),
         ("/v1/chat/completions", {**chat, **eager, "n": 2}, "sampling_params.n"),
-        ("/v1/chat/completions", {**chat, **eager, "stream": True}, "cannot be streamed"),
     ]
     for path, body, named in cases:
         assert_400(post(entropy_server, path, body, timeout=60), named)

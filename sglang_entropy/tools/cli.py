@@ -74,7 +74,8 @@ def cmd_bench(args) -> int:
     return run_overhead(args)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, with every installed plugin's benchmarks, model builds and demo arms."""
     parser = argparse.ArgumentParser(prog="sglang-entropy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -86,11 +87,15 @@ def main(argv=None) -> int:
     build.add_argument("--force", action="store_true")
     build.set_defaults(func=cmd_build_model)
 
-    p = sub.add_parser("demo", help="launch SGLang with the adapter and show per-token entropy")
-    p.add_argument("--model-path", help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--plot", default="sglang-entropy-demo.png", help="where to write the PNG plot")
-    p.set_defaults(func=cmd_demo)
+    demo = sub.add_parser(
+        "demo", help="launch SGLang with the adapter, show per-token entropy and what the policies save"
+    )
+    demo.add_argument("--model-path", help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--plot", default="sglang-entropy-demo.png", help="where to write the PNG plot")
+    demo.add_argument("--questions", type=int, default=8, help="questions of the side-by-side (0: skip it)")
+    demo.add_argument("--sequences", type=int, default=8, help="sequences per question in every arm")
+    demo.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks, measured side by side in one run")
     bench = p.add_subparsers(dest="bench", required=True)
@@ -106,8 +111,12 @@ def main(argv=None) -> int:
     commands = Commands(bench, build)
     make_plugin_manager().hook.register_commands(commands=commands)
     build.set_defaults(model_builders=commands.model_builders)
+    demo.set_defaults(demo_arms=commands.demo_arms)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 
@@ -16,13 +17,37 @@ def bench_command(name: str) -> str:
     return "sglang-entropy bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1 :])
 
 
+@dataclass(frozen=True)
+class DemoAnswer:
+    """A demo arm's answer to one question: the texts of the sequences that vote (each whole,
+    from the first output token) and the tokens the server generated for the question."""
+
+    texts: list[str]
+    tokens: int
+
+
+@dataclass(frozen=True)
+class DemoArm:
+    """One policy's arm of the demo's side-by-side against full sampling.
+
+    ``ask(url, prompt, sequences, sampling, tokenizer)`` answers one chat-formatted prompt with
+    at most ``sequences`` sequences, sampling with ``sampling`` (``max_new_tokens``,
+    ``temperature``), on a server that enables ``policy``; returns a ``DemoAnswer``."""
+
+    name: str
+    policy: str
+    ask: Callable[..., DemoAnswer]
+
+
 class Commands:
-    """Handed to each plugin's ``register_commands``: adds its benchmarks and model builds."""
+    """Handed to each plugin's ``register_commands``: adds its benchmarks, model builds and
+    demo arms."""
 
     def __init__(self, benches, build_model: argparse.ArgumentParser):
         self._benches = benches  # the subparsers of ``sglang-entropy bench``
         self.build_model = build_model
         self.model_builders: list[tuple[str, Callable]] = []  # (args attribute, build)
+        self.demo_arms: list[DemoArm] = []
 
     def add_bench(self, name: str, help: str) -> argparse.ArgumentParser:
         """The parser of ``sglang-entropy bench NAME``; set ``func=run`` on it."""
@@ -34,3 +59,7 @@ class Commands:
         action = self.build_model.add_argument(flag, action="store_true", help=help)
         self.model_builders.append((action.dest, build))
         return self.build_model
+
+    def add_demo_arm(self, arm: DemoArm) -> None:
+        """``sglang-entropy demo`` runs ``arm`` next to full sampling on the same questions."""
+        self.demo_arms.append(arm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sglang_entropy import hookimpl
+from sglang_entropy.tools.commands import DemoArm
 
 
 def _run(args) -> int:
@@ -29,3 +30,21 @@ def register_commands(commands):
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", default="examples/results/branch")
     b.set_defaults(func=_run)
+    commands.add_demo_arm(DemoArm("EAGer tree", "eager", eager_tree))
+
+
+def eager_tree(url, prompt, sequences, sampling, tokenizer):
+    """EAGer: one sequence that forks where its top-K entropy passes the default threshold,
+    up to ``sequences`` in all; every sequence votes with its whole text."""
+    import requests
+
+    from sglang_entropy.tools.commands import DemoAnswer
+    from sglang_entropy_branch.client import sequences as whole_sequences
+
+    entropy = {"policy": "eager", "params": {"max_sequences": sequences}}
+    body = {"text": prompt, "sampling_params": {**sampling, "custom_params": {"entropy": entropy}}}
+    response = requests.post(f"{url}/generate", json=body, timeout=600)
+    response.raise_for_status()
+    outputs = response.json()
+    texts = [s.text for s in whole_sequences(outputs, tokenizer, lambda text: None)]
+    return DemoAnswer(texts, sum(o["meta_info"]["completion_tokens"] for o in outputs))

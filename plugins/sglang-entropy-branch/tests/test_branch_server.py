@@ -52,6 +52,7 @@ def test_branches_fork_where_topk_entropy_exceeds_the_threshold(entropy_server, 
                 for child_id in event["children"]:
                     child = by_id[child_id]["meta_info"]
                     assert child["entropy"]["sequence"] == {
+                        "id": child_id,
                         "parent": meta["id"],
                         "branch_token_index": event["token_index"],
                     }

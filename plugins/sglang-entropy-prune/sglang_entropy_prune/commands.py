@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sglang_entropy import hookimpl
+from sglang_entropy.tools.commands import DemoArm
 
 
 def _run(args) -> int:
@@ -31,3 +32,22 @@ def register_commands(commands):
     r.add_argument("--seed", type=int, default=0, help="which questions")
     r.add_argument("--out", default="examples/results/prune", help="path prefix of the .md, .json and .png results")
     r.set_defaults(func=_run)
+    commands.add_demo_arm(DemoArm("DeepConf-low", "deepconf", deepconf_low))
+
+
+def deepconf_low(url, prompt, sequences, sampling, tokenizer):
+    """DeepConf-low online: a quarter of the traces warm up, the rest are pruned below the
+    90th percentile of the warm-up traces' lowest group confidence; the unpruned ones vote."""
+    import requests
+
+    from sglang_entropy.tools.commands import DemoAnswer
+    from sglang_entropy_prune.voting import traces_from_outputs
+
+    params = {"warmup_traces": max(1, sequences // 4), "percentile": 90, "window_size": 8}
+    entropy = {"policy": "deepconf", "params": params, "return_signals": ["confidence"]}
+    body = {"text": prompt, "sampling_params": {**sampling, "n": sequences, "custom_params": {"entropy": entropy}}}
+    response = requests.post(f"{url}/generate", json=body, timeout=600)
+    response.raise_for_status()
+    outputs = response.json()
+    voting = [t.text for t in traces_from_outputs(outputs) if not t.stopped_early]
+    return DemoAnswer(voting, sum(o["meta_info"]["completion_tokens"] for o in outputs))

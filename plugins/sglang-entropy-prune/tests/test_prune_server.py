@@ -104,11 +104,10 @@ def test_consensus_stops_the_group(entropy_server, question):
     assert metas[0]["entropy"]["group"]["vote"]["support"] >= 0.01
 
 
-def test_a_group_takes_one_prompt_and_no_stream(entropy_server, question):
+def test_a_group_takes_one_prompt(entropy_server, question):
     entropy = {"policy": "deepconf"}
     for body in (
         {"text": [question, question], "sampling_params": {"n": 2, "custom_params": {"entropy": entropy}}},
-        {"text": question, "stream": True, "sampling_params": {"n": 2, "custom_params": {"entropy": entropy}}},
         {"text": question, "sampling_params": {"custom_params": {"entropy": entropy}}},  # n = 1: needs a threshold
     ):
         response = requests.post(f"{entropy_server.url}/generate", json=body, timeout=60)
@@ -211,15 +210,6 @@ def test_openai_n_runs_a_calibrated_group(entropy_server):
     assert len(completion.choices) == 6
     groups = [entry["group"] for entry in completion.metadata["entropy"]]
     assert sorted(g["role"] for g in groups) == ["calibrated"] * 3 + ["warmup"] * 3
-    with pytest.raises(openai.BadRequestError, match="cannot be streamed"):
-        client.completions.create(
-            model="default",
-            prompt="3 + 4 =",
-            max_tokens=8,
-            n=2,
-            stream=True,
-            extra_body={"custom_params": {"entropy": {"policy": "deepconf"}}},
-        )
 
 
 def test_frontend_program_runs_a_group_and_votes(entropy_server):

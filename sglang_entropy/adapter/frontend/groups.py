@@ -31,8 +31,8 @@ import logging
 import uuid
 from collections import Counter, OrderedDict
 
+from sglang_entropy.adapter.frontend.sequences import MergedSequences, SequenceOutputs, stream_mode
 from sglang_entropy.adapter.metrics import NoMetrics
-from sglang_entropy.adapter.protocol import entropy_field
 from sglang_entropy.registry import installed_policies
 from sglang_entropy.settings import REQUEST_KEY, EntropyRequestError, GroupScope, Limits, ResolvedRequest
 from sglang_entropy.types import TraceGroup, TraceSummary
@@ -184,16 +184,14 @@ def forms_group(options: ResolvedRequest | None, n: int) -> bool:
     return spec.groups and (n > 1 or options.params.group_id is not None)
 
 
-def check_group_form(stream: bool, single_prompt: bool) -> None:
+def check_group_form(single_prompt: bool) -> None:
     """A request that runs several sequences (a group of traces, or a branching policy) takes
-    one prompt with one set of sampling parameters and is not streamed (raises
-    EntropyRequestError)."""
-    prefix = f"custom_params.{REQUEST_KEY}"
-    what = "a request of several sequences (a group: n > 1 or group_id; or a branching policy)"
+    one prompt with one set of sampling parameters (raises EntropyRequestError)."""
     if not single_prompt:
-        raise EntropyRequestError(f"{prefix}: {what} takes one prompt and one set of sampling_params")
-    if stream:
-        raise EntropyRequestError(f"{prefix}: {what} cannot be streamed")
+        raise EntropyRequestError(
+            f"custom_params.{REQUEST_KEY}: a request of several sequences (a group: n > 1 or group_id; or a "
+            "branching policy) takes one prompt and one set of sampling_params"
+        )
 
 
 def is_group_request(resolved: list[ResolvedRequest | None], n: int) -> bool:
@@ -203,8 +201,9 @@ def is_group_request(resolved: list[ResolvedRequest | None], n: int) -> bool:
 
 async def run(original, tokenizer_manager, obj, request, options: ResolvedRequest, n: int, scope: str, book):
     """Run a group request of ``n`` traces; yields what ``generate_request`` would: one output,
-    or a list of ``n`` outputs, each with ``meta_info["entropy"]["group"]``."""
-    registry = installed_policies()
+    or a list of ``n`` outputs, each with ``meta_info["entropy"]["group"]``; when the request
+    streams, each trace's outputs as they come, marked with the trace's ``index``, the group's
+    vote in the last one."""
     params = options.params
     request_rid = obj.rid if isinstance(obj.rid, str) else uuid.uuid4().hex
     group_id = params.group_id
@@ -215,55 +214,82 @@ async def run(original, tokenizer_manager, obj, request, options: ResolvedReques
     rids = [f"{request_rid}-{i}" for i in range(n)]
     book.requests[request_rid] = (group, rids)
     group.requests += 1
-    tasks = [
-        asyncio.create_task(_run_trace(original, tokenizer_manager, obj, request, options, group, rid, book.metrics))
-        for rid in rids
-    ]
+    mode = stream_mode(obj, tokenizer_manager)
+    traces = MergedSequences()
+    for index, rid in enumerate(rids):
+        trace = _trace(original, tokenizer_manager, obj, request, options, group, rid, book.metrics, mode)
+        traces.start(index, trace)
+    finals: dict[int, dict] = {}
+    complete = False
     try:
-        outputs = await asyncio.gather(*tasks)
+        async with contextlib.aclosing(traces.items()) as items:
+            async for output, final in items:
+                if final:
+                    finals[output["index"]] = output
+                    if obj.stream and len(finals) == n:
+                        _add_vote([output], group, options)
+                if obj.stream:
+                    yield output
+        complete = True
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if not complete:  # failed or cancelled: no trace of the request may run on
+            for rid in rids:
+                if rid in group.running:
+                    tokenizer_manager.abort_request(rid)
         book.requests.pop(request_rid, None)
         group.requests -= 1
-    vote_of = getattr(registry.policy(options.policy), "group_vote", None)
+    if not obj.stream:
+        outputs = [finals[index] for index in range(n)]
+        for output in outputs:
+            del output["index"]
+        _add_vote(outputs, group, options)
+        yield outputs if n > 1 else outputs[0]
+
+
+def _add_vote(outputs: list[dict], group: Group, options: ResolvedRequest) -> None:
+    vote_of = getattr(installed_policies().policy(options.policy), "group_vote", None)
     vote = vote_of(group.view) if vote_of else None
     for output in outputs:
         output["meta_info"]["entropy"]["group"]["vote"] = dataclasses.asdict(vote) if vote is not None else None
-    yield outputs if n > 1 else outputs[0]
 
 
-async def _run_trace(original, tokenizer_manager, obj, request, options, group: Group, rid: str, metrics) -> dict:
+async def _trace(original, tokenizer_manager, obj, request, options, group: Group, rid: str, metrics, mode):
     """One trace of a group: wait for its turn, run it with the group's parameters so far, and
-    hand the finished trace to the policy's group method."""
+    hand the finished trace to the policy's group method. Yields ``(output, final)``: the
+    trace's outputs with the values new in each (one output unless the request streams)."""
     role = await group.admit()
     if role is None:
-        return _not_started(rid, group, options)
+        yield _not_started(rid, group, options), True
+        return
     sub, trace_params = _trace_request(obj, rid, options, group)
+    about = {"id": group.view.group_id, "role": role, "threshold": trace_params.get("threshold")}
+    sequence = SequenceOutputs(options.policy, mode)
     group.running.add(rid)
     aborted = True
+    last = None
     try:
-        outputs = original(tokenizer_manager, sub, request)
-        try:
-            output = await outputs.__anext__()
-        finally:
-            await outputs.aclose()
-        meta = output["meta_info"]
-        shaped = entropy_field(meta, options.policy, 0)
-        meta["entropy"] = shaped[0] if shaped else {"policy": options.policy, "signals": {}, "events": []}
-        finish = meta.get("finish_reason") or {}
+        async with contextlib.aclosing(original(tokenizer_manager, sub, request)) as outputs:
+            async for output in outputs:
+                if last is not None:
+                    yield _client_view(last, options, about), False
+                sequence.shape(output)
+                last = output
+        finish = last["meta_info"].get("finish_reason") or {}
         aborted = finish.get("type") == "abort"
         if not aborted:
-            _trace_finished(output, rid, role, group, options, tokenizer_manager, metrics)
+            _trace_finished(last, sequence, role, group, options, tokenizer_manager, metrics)
     finally:
         group.running.discard(rid)
         await group.release(role, aborted)
-    signals = meta["entropy"]["signals"]
-    for name in list(signals):
-        if name not in options.return_signals:
-            del signals[name]
-    meta["entropy"]["group"] = {"id": group.view.group_id, "role": role, "threshold": trace_params.get("threshold")}
+    yield _client_view(last, options, about), True
+
+
+def _client_view(output: dict, options: ResolvedRequest, about: dict) -> dict:
+    """The output as the client sees it: the signals it asked for (a trace also returns those
+    the group methods read) and the trace's place in the group."""
+    entropy = output["meta_info"]["entropy"]
+    entropy["signals"] = {name: v for name, v in entropy["signals"].items() if name in options.return_signals}
+    entropy["group"] = dict(about)
     return output
 
 
@@ -290,14 +316,14 @@ def _trace_request(obj, rid: str, options: ResolvedRequest, group: Group):
     return sub, trace_params
 
 
-def _trace_finished(output: dict, rid: str, role: str, group: Group, options: ResolvedRequest, manager, metrics):
+def _trace_finished(output: dict, sequence: SequenceOutputs, role: str, group: Group, options, manager, metrics):
     meta = output["meta_info"]
     finish = meta.get("finish_reason") or {}
     summary = TraceSummary(
-        rid=rid,
-        text=output.get("text", ""),
+        rid=meta["id"],
+        text=sequence.text,
         output_tokens=meta.get("completion_tokens", 0),
-        signals=meta["entropy"]["signals"],
+        signals=sequence.signals,
         stopped_early=bool(finish.get("entropy_policy")),
         finish_reason=finish,
         warmup=role == "warmup",

@@ -95,14 +95,14 @@ def check_where_groups_meet(resolved: list[ResolvedRequest | None]) -> None:
 
 def check_form(obj, resolved: list[ResolvedRequest | None]) -> None:
     """A /generate request that runs several sequences takes one prompt with one set of
-    sampling parameters and is not streamed (raises EntropyRequestError naming the form)."""
+    sampling parameters (raises EntropyRequestError naming the form)."""
     per_prompt = groups.sampling_params_list(obj.sampling_params)
     multi = [
         runs_sequences(options, _number(per_prompt[min(i, len(per_prompt) - 1)].get("n"), int) or 1)
         for i, options in enumerate(resolved)
     ]
     if any(multi):
-        groups.check_group_form(bool(obj.stream), isinstance(obj.sampling_params, dict) and groups.single_prompt(obj))
+        groups.check_group_form(isinstance(obj.sampling_params, dict) and groups.single_prompt(obj))
     check_where_groups_meet(resolved)
 
 
@@ -112,7 +112,16 @@ def _merge(pending: dict | None, new: dict) -> dict:
     for name, values in new["signals"].items():
         pending["signals"].setdefault(name, []).extend(values)
     pending["events"].extend(new["events"])
+    pending.update({key: value for key, value in new.items() if key not in ("signals", "events")})
     return pending
+
+
+def _to_openai_stream(obj, index: int, entropy: dict) -> None:
+    """Hold an output's entropy values for the OpenAI stream chunk of its choice, if the request
+    is an OpenAI stream (``openai_stream``)."""
+    pending = FRONTEND.openai_streams.get(id(obj))
+    if pending is not None:
+        pending[index] = _merge(pending.get(index), entropy)
 
 
 def generate_request(original, tokenizer_manager, obj, request=None):
@@ -129,9 +138,10 @@ def generate_request(original, tokenizer_manager, obj, request=None):
             ranks = getattr(tokenizer_manager, "elastic_worker_count", 1) or 1  # data-parallel ranks
             async with FRONTEND.groups.budget_group(obj, resolved[0], scope, ranks):
                 async for out in branches.generate_with_branches(
-                    original, tokenizer_manager, obj, request, resolved[0]
+                    original, tokenizer_manager, obj, request, resolved[0], FRONTEND.metrics
                 ):
-                    FRONTEND.metrics.sequences(len(out))
+                    if obj.stream:
+                        _to_openai_stream(obj, out["index"], out["meta_info"]["entropy"])
                     yield out
             return
         n = _number(groups.sampling_params_list(obj.sampling_params)[0].get("n"), int) or 1
@@ -140,6 +150,8 @@ def generate_request(original, tokenizer_manager, obj, request=None):
             async for out in groups.run(
                 original, tokenizer_manager, obj, request, resolved[0], n, scope, FRONTEND.groups
             ):
+                if obj.stream:
+                    _to_openai_stream(obj, out["index"], out["meta_info"]["entropy"])
                 yield out
             return
         routed = bool(FRONTEND.settings.drafters)  # every request of a drafter server is routed
@@ -159,9 +171,7 @@ def generate_request(original, tokenizer_manager, obj, request=None):
                     item["meta_info"]["entropy"], end = shaped
                     if cumulative:
                         offsets[index] = end
-                    openai_pending = FRONTEND.openai_streams.get(id(obj))
-                    if openai_pending is not None:
-                        openai_pending[index] = _merge(openai_pending.get(index), item["meta_info"]["entropy"])
+                    _to_openai_stream(obj, index, item["meta_info"]["entropy"])
             yield out
 
     return outputs()
@@ -200,7 +210,7 @@ def validate_openai_request(original, serving, request):
         if runs_sequences(options, n):
             prompt = getattr(request, "prompt", None)  # completions; chat requests have one conversation
             single = not (isinstance(prompt, list) and prompt and not isinstance(prompt[0], int))
-            groups.check_group_form(bool(getattr(request, "stream", False)), single)
+            groups.check_group_form(single)
         check_where_groups_meet([options])
     except EntropyRequestError as e:
         return str(e)
