@@ -147,6 +147,20 @@ class ServerSettings:
                 except ValidationError as e:
                     raise ValueError(describe_errors(e, f"{where}.{name}")) from None
 
+    def check_decoding(self, registry: PolicyRegistry, speculative: str | None, dllm: str | None) -> None:
+        """A server that decodes speculatively or runs a diffusion LM has no decode steps for a
+        policy to act on (SGLang runs no sampling observer there): enabling a decode policy by
+        name in ``--entropy-policies`` is an error (raises ValueError)."""
+        if not (speculative or dllm) or self.allowed_policies is None:
+            return
+        decode = [name for name in self.enabled_policies(registry) if registry.get(name).spec.family == "decode"]
+        if decode:
+            launched = f"--speculative-algorithm {speculative}" if speculative else f"--dllm-algorithm {dllm}"
+            raise ValueError(
+                f"--entropy-policies enables {decode}, which act at every decode step; a server launched with "
+                f"{launched} runs no decode steps for them"
+            )
+
     def default_routing_policy(self, registry: PolicyRegistry) -> str:
         """The policy that routes the requests of a drafter server that name none: the first
         enabled policy of family "speculative" (in ``--entropy-policies`` order)."""

@@ -149,3 +149,38 @@ def test_a_budget_groups_requests_are_pinned_to_one_data_parallel_rank():
     assert rank_of("a") == rank_of("a", routed=rank) == rank  # every request of the group: one rank
     with pytest.raises(EntropyRequestError, match="routed_dp_rank"):
         rank_of("a", routed=(rank + 1) % 4)
+
+
+def test_what_a_speculative_or_diffusion_server_cannot_give_is_refused():
+    from types import SimpleNamespace
+
+    from sglang_entropy.adapter.frontend import serving
+    from sglang_entropy.registry import installed_policies
+    from sglang_entropy.settings import EntropyRequestError, ServerConfig, ServerSettings
+
+    settings = ServerSettings(enabled=True, allowed_policies=None, config=ServerConfig())
+    registry = installed_policies()
+    signals = settings.resolve({"entropy": {"return_signals": ["entropy"]}}, registry)
+    decode = settings.resolve({"entropy": {"policy": "deepconf", "params": {"threshold": 1.0}}}, registry)
+    trace = settings.resolve({"entropy": {"dllm_trace": True}}, registry)
+    plain = SimpleNamespace(speculative_algorithm=None, dllm_algorithm=None)
+    speculative = SimpleNamespace(speculative_algorithm="STANDALONE", dllm_algorithm=None)
+    diffusion = SimpleNamespace(speculative_algorithm=None, dllm_algorithm="CCD")
+    serving.check_decoding([signals, decode, None], plain)
+    serving.check_decoding([trace], diffusion)
+    for server_args in (speculative, diffusion):
+        with pytest.raises(EntropyRequestError, match=r"custom_params\.entropy\.return_signals"):
+            serving.check_decoding([signals], server_args)
+        with pytest.raises(EntropyRequestError, match=r"custom_params\.entropy\.policy: 'deepconf'"):
+            serving.check_decoding([decode], server_args)
+    with pytest.raises(EntropyRequestError, match=r"custom_params\.entropy\.dllm_trace"):
+        serving.check_decoding([trace], plain)
+    # at launch: naming a decode policy for a server that has no decode steps
+    named = ServerSettings(enabled=True, allowed_policies=("deepconf", "taps"), config=ServerConfig())
+    named.check_decoding(registry, None, None)
+    with pytest.raises(ValueError, match="--speculative-algorithm STANDALONE"):
+        named.check_decoding(registry, "STANDALONE", None)
+    ServerSettings(enabled=True, allowed_policies=("taps",), config=ServerConfig()).check_decoding(
+        registry, "STANDALONE", None
+    )
+    settings.check_decoding(registry, None, "CCD")  # every installed policy: each request is checked

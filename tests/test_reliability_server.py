@@ -342,3 +342,7 @@ def test_a_bad_configuration_stops_the_launch_before_the_model_loads(model_path,
     assert code != 0 and "policies.deepconf.threshold" in last, last
     code, last = launch_fails(model_path, ["--enable-entropy", "--entropy-policies", "deepconf,no-such-policy"])
     assert code != 0 and "no-such-policy" in last, last
+    # a decode policy named for a server that runs no decode steps
+    speculative = sglang_server.standalone_args(model_path, 2)
+    code, last = launch_fails(model_path, ["--enable-entropy", "--entropy-policies", "deepconf", *speculative])
+    assert code != 0 and "--speculative-algorithm STANDALONE runs no decode steps" in last, last

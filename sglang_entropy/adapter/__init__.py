@@ -48,7 +48,13 @@ def checked_settings() -> ServerSettings:
 def check_launch(result, server_args, *args, **kwargs):
     """After SGLang parsed its arguments (before any model loads): the flags have set the
     environment, so the whole configuration is checked here once more, with SGLang's own."""
+    from sglang_entropy.registry import installed_policies
+
     settings = checked_settings()
+    try:
+        settings.check_decoding(installed_policies(), server_args.speculative_algorithm, server_args.dllm_algorithm)
+    except ValueError as e:
+        raise SystemExit(f"sglang-entropy: {e}") from None
     if settings.drafters and server_args.speculative_algorithm != "STANDALONE":
         raise SystemExit(
             "sglang-entropy: --entropy-drafters routes STANDALONE speculative decoding; launch with "

@@ -127,6 +127,21 @@ def test_selecting_ccd_per_request_is_a_clear_400(ccd_server):
     assert _generate(ccd_server.url, "1+2=")["text"].strip() == "3"  # the server goes on
 
 
+def test_what_a_diffusion_server_cannot_give_is_a_clear_400(ccd_server):
+    """No per-token signals and no decode-step policies on a diffusion LM: refused, naming the
+    field, natively and over OpenAI (SGLang runs no sampling observer there)."""
+    for entropy, field in (
+        ({"return_signals": ["entropy"]}, "custom_params.entropy.return_signals"),
+        ({"policy": "deepconf", "params": {"threshold": 1.0}}, "custom_params.entropy.policy"),
+    ):
+        body = {"text": "1+2=", "sampling_params": {"max_new_tokens": 4, "custom_params": {"entropy": entropy}}}
+        response = requests.post(f"{ccd_server.url}/generate", json=body, timeout=60)
+        assert response.status_code == 400 and field in response.text and "--dllm-algorithm CCD" in response.text
+        body = {"model": "default", "prompt": "1+2=", "max_tokens": 4, "custom_params": {"entropy": entropy}}
+        response = requests.post(f"{ccd_server.url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 400 and field in response.text
+
+
 def test_synchronous_schedule_gives_the_same_answers_and_follows_the_rule(dllm_model, ccd_server, tmp_path_factory):
     """``--no-dllm-fdfo``: SGLang denoises each batch of blocks to the end in one call."""
     problems = _problems(11, 8)

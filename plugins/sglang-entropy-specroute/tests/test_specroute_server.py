@@ -24,6 +24,14 @@ CUSTOM = [
 ]
 
 
+# what a speculative server cannot give (no sampling observer there), and the field each names
+REFUSED = [
+    {"entropy": {"return_signals": ["entropy"]}},
+    {"entropy": {"policy": "deepconf", "params": {"threshold": 1.0}}},
+]
+REFUSED_FIELDS = ["custom_params.entropy.return_signals", "custom_params.entropy.policy"]
+
+
 def truncated_copy(model_path, out_dir, layers=2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -48,7 +56,16 @@ def run(model_path, prompts, extra_args):
             f"{server.url}/generate", json={"text": prompts, "sampling_params": params}, timeout=900
         )
         assert response.status_code == 200, f"{response.status_code}: {response.text}\n{server.log_tail()}"
-        return response.json(), before, scrape(server.url)
+        after = scrape(server.url)
+        refused = [
+            requests.post(
+                f"{server.url}/generate",
+                json={"text": prompts[0], "sampling_params": {"max_new_tokens": 2, "custom_params": custom}},
+                timeout=60,
+            )
+            for custom in REFUSED
+        ]
+        return response.json(), (before, after), refused
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +78,12 @@ def outputs(model_path, tokenizer, tmp_path_factory):
     ]
     small = truncated_copy(model_path, tmp_path_factory.mktemp("drafter") / "SmolLM2-2layers")
     # One server at a time: on a small CPU machine two would compete for the same cores.
-    plain, _, _ = run(model_path, prompts, [])
-    routed, *metrics = run(model_path, prompts, sglang_server.standalone_args(model_path, 3, [model_path, small]))
-    return plain, routed, metrics
+    plain, _, plain_refused = run(model_path, prompts, [])
+    assert all(r.status_code == 200 for r in plain_refused)  # a plain server gives both
+    routed, metrics, refused = run(
+        model_path, prompts, sglang_server.standalone_args(model_path, 3, [model_path, small])
+    )
+    return plain, routed, metrics, refused
 
 
 def routes(output):
@@ -71,14 +91,14 @@ def routes(output):
 
 
 def test_routed_greedy_output_equals_plain_decoding(outputs):
-    plain, routed, _ = outputs
+    plain, routed, *_ = outputs
     for p, r in zip(plain, routed, strict=True):
         assert r["output_ids"] == p["output_ids"]
         assert r["text"] == p["text"]
 
 
 def test_every_step_routes_to_the_most_confident_drafter(outputs):
-    _, routed, _ = outputs
+    _, routed, *_ = outputs
     for output in routed:
         events = routes(output)
         assert len(events) == output["meta_info"]["spec_verify_ct"], output["meta_info"]
@@ -95,13 +115,13 @@ def test_every_step_routes_to_the_most_confident_drafter(outputs):
 
 
 def test_a_forced_drafter_is_always_verified(outputs):
-    _, routed, _ = outputs
+    _, routed, *_ = outputs
     events = routes(routed[2])
     assert events and all(e["drafter"] == 1 and e["drafter_name"] == "SmolLM2-2layers" for e in events)
 
 
 def test_acceptance_length_is_reported_and_agrees_with_sglang(outputs):
-    _, routed, _ = outputs
+    _, routed, *_ = outputs
     for output in routed:
         meta = output["meta_info"]
         events = routes(output)
@@ -116,7 +136,7 @@ def test_acceptance_length_is_reported_and_agrees_with_sglang(outputs):
 def test_only_the_chosen_chain_is_verified(outputs):
     # Drafter A is the target itself: its chains are mostly accepted (and keep being so after
     # steps routed to B, which needs its KV kept in step); the 2-layer B's almost never are.
-    _, routed, _ = outputs
+    _, routed, *_ = outputs
     on_a = [e["accepted"] for e in routes(routed[0]) if e["drafter"] == 0]
     assert on_a and sum(on_a) / len(on_a) > 2, on_a
     forced_b = [e["accepted"] for e in routes(routed[2])]
@@ -124,10 +144,17 @@ def test_only_the_chosen_chain_is_verified(outputs):
 
 
 def test_route_metrics_equal_the_route_events(outputs):
-    _, routed, (before, after) = outputs
+    _, routed, (before, after), _ = outputs
     events = [e for output in routed for e in routes(output)]
     for name in ("SmolLM2-135M-Instruct", "SmolLM2-2layers"):
         expected = sum(e["drafter_name"] == name for e in events)
         assert delta(before, after, "sglang:entropy_routes_total", drafter=name) == expected
     assert delta(before, after, "sglang:entropy_accepted_tokens_per_step_count") == len(events)
     assert delta(before, after, "sglang:entropy_accepted_tokens_per_step_sum") == sum(e["accepted"] for e in events)
+
+
+def test_what_a_speculative_server_cannot_give_is_a_clear_400(outputs):
+    *_, refused = outputs
+    for response, field in zip(refused, REFUSED_FIELDS, strict=True):
+        assert response.status_code == 400 and field in response.text
+        assert "--speculative-algorithm STANDALONE" in response.text

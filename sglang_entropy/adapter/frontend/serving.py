@@ -15,7 +15,7 @@ from sglang_entropy.adapter.frontend import branches, groups
 from sglang_entropy.adapter.frontend.state import FRONTEND
 from sglang_entropy.adapter.protocol import entropy_field
 from sglang_entropy.registry import installed_policies
-from sglang_entropy.settings import REQUEST_KEY, EntropyRequestError, ResolvedRequest
+from sglang_entropy.settings import PREFIX, REQUEST_KEY, EntropyRequestError, ResolvedRequest
 from sglang_entropy.types import GroupParams
 
 
@@ -93,9 +93,39 @@ def check_where_groups_meet(resolved: list[ResolvedRequest | None]) -> None:
         )
 
 
-def check_form(obj, resolved: list[ResolvedRequest | None]) -> None:
+def check_decoding(resolved: list[ResolvedRequest | None], server_args) -> None:
+    """What the server's way of decoding cannot give (raises EntropyRequestError naming the
+    field): SGLang runs no sampling observer with speculative decoding or a diffusion LM, so
+    there are no per-token signals and no decode-step policies there (a drafter server's
+    routing and a diffusion server's unmasking run in their own hooks)."""
+    speculative, dllm = server_args.speculative_algorithm, server_args.dllm_algorithm
+    launched = f"--speculative-algorithm {speculative}" if speculative else f"--dllm-algorithm {dllm}"
+    for options in resolved:
+        if options is None:
+            continue
+        if (speculative or dllm) and options.return_signals:
+            raise EntropyRequestError(
+                f"{PREFIX}.return_signals: this server decodes with {launched}, where SGLang computes no "
+                "per-token distribution to take signals from; ask a server without it"
+            )
+        if (speculative or dllm) and options.policy is not None:
+            family = installed_policies().get(options.policy).spec.family
+            if family == "decode":
+                raise EntropyRequestError(
+                    f"{PREFIX}.policy: {options.policy!r} acts at every decode step, which a server launched "
+                    f"with {launched} does not run"
+                )
+        if options.dllm_trace and not dllm:
+            raise EntropyRequestError(
+                f"{PREFIX}.dllm_trace: this server runs no diffusion LM (--dllm-algorithm), so there is no "
+                "denoising to trace"
+            )
+
+
+def check_form(obj, resolved: list[ResolvedRequest | None], server_args) -> None:
     """A /generate request that runs several sequences takes one prompt with one set of
-    sampling parameters (raises EntropyRequestError naming the form)."""
+    sampling parameters, and asks only for what the server's decoding gives (raises
+    EntropyRequestError naming the form)."""
     per_prompt = groups.sampling_params_list(obj.sampling_params)
     multi = [
         runs_sequences(options, _number(per_prompt[min(i, len(per_prompt) - 1)].get("n"), int) or 1)
@@ -104,6 +134,7 @@ def check_form(obj, resolved: list[ResolvedRequest | None]) -> None:
     if any(multi):
         groups.check_group_form(isinstance(obj.sampling_params, dict) and groups.single_prompt(obj))
     check_where_groups_meet(resolved)
+    check_decoding(resolved, server_args)
 
 
 def _merge(pending: dict | None, new: dict) -> dict:
@@ -129,7 +160,7 @@ def generate_request(original, tokenizer_manager, obj, request=None):
 
     async def outputs():
         resolved = resolve_all(getattr(obj, "sampling_params", None))
-        check_form(obj, resolved)
+        check_form(obj, resolved, tokenizer_manager.server_args)
         for options in resolved:
             if options is not None and options.policy is not None:
                 FRONTEND.metrics.request(options.policy)
@@ -179,8 +210,10 @@ def generate_request(original, tokenizer_manager, obj, request=None):
 
 async def serve_generate_request(original, obj, request):
     """Answer invalid entropy options of /generate with 400 before a stream starts."""
+    from sglang.srt.entrypoints.http_server import _global_state
+
     try:
-        check_form(obj, resolve_all(obj.sampling_params))
+        check_form(obj, resolve_all(obj.sampling_params), _global_state.tokenizer_manager.server_args)
     except EntropyRequestError as e:
         from fastapi.responses import ORJSONResponse
 
@@ -212,6 +245,7 @@ def validate_openai_request(original, serving, request):
             single = not (isinstance(prompt, list) and prompt and not isinstance(prompt[0], int))
             groups.check_group_form(single)
         check_where_groups_meet([options])
+        check_decoding([options], serving.tokenizer_manager.server_args)
     except EntropyRequestError as e:
         return str(e)
     return None
