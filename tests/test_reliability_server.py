@@ -346,3 +346,6 @@ def test_a_bad_configuration_stops_the_launch_before_the_model_loads(model_path,
     speculative = sglang_server.standalone_args(model_path, 2)
     code, last = launch_fails(model_path, ["--enable-entropy", "--entropy-policies", "deepconf", *speculative])
     assert code != 0 and "--speculative-algorithm STANDALONE runs no decode steps" in last, last
+    # drafters to route without SGLang's STANDALONE speculative decoding
+    code, last = launch_fails(model_path, ["--enable-entropy", "--entropy-drafters", f"{model_path},{model_path}"])
+    assert code != 0 and "--speculative-algorithm STANDALONE" in last, last

@@ -46,8 +46,10 @@ def checked_settings() -> ServerSettings:
 
 
 def check_launch(result, server_args, *args, **kwargs):
-    """After SGLang parsed its arguments (before any model loads): the flags have set the
-    environment, so the whole configuration is checked here once more, with SGLang's own."""
+    """After SGLang resolved its arguments in the launcher (before any model loads): the flags
+    have set the environment, so the whole configuration is checked here once more, with
+    SGLang's own. (``ServerArgs`` is a msgspec Struct, which binds ``__post_init__`` when the
+    class is made: ``resolve_once`` is the first method of it a hook can wrap.)"""
     from sglang_entropy.registry import installed_policies
 
     settings = checked_settings()
@@ -62,7 +64,7 @@ def check_launch(result, server_args, *args, **kwargs):
         )
 
 
-LAUNCH_HOOK = ("sglang.srt.server_args.ServerArgs.__post_init__", check_launch, HookType.AFTER)
+LAUNCH_HOOK = ("sglang.srt.server_args.ServerArgs.resolve_once", check_launch, HookType.AFTER)
 
 
 def activate() -> None:

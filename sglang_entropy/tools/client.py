@@ -13,6 +13,8 @@ import copy
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 from sglang.lang.ir import SglSamplingParams
 
+from sglang_entropy.tools.server import ROUTING_KEY_HEADER
+
 
 class _WithEntropy(SglSamplingParams):
     entropy: dict | None = None
@@ -35,7 +37,25 @@ class EntropyEndpoint(RuntimeEndpoint):
     """A frontend backend whose generate calls carry the program's ``entropy`` argument."""
 
     def generate(self, s, sampling_params):
-        return super().generate(s, _with_entropy(sampling_params, s.arguments.get("entropy")))
+        entropy = s.arguments.get("entropy")
+        text, meta_info = super().generate(s, _with_entropy(sampling_params, entropy))
+        if entropy and "entropy" not in meta_info:
+            raise RuntimeError(
+                f"{self.base_url} answered without applying the program's entropy options: it is not a server "
+                "with the adapter enabled (sglang-router's /generate drops custom_params: point frontend programs "
+                "at a server, not a router)"
+            )
+        return text, meta_info
 
     def generate_stream(self, s, sampling_params):
         return super().generate_stream(s, _with_entropy(sampling_params, s.arguments.get("entropy")))
+
+
+def routing_headers(entropy: dict) -> dict[str, str]:
+    """HTTP headers that send the requests of one group to one server behind sglang-router
+    (launched with ``--policy manual``): the group's ``group_id`` or ``budget_group`` as the
+    routing key. Empty for a request that names no group. Send requests through the router's
+    OpenAI routes: its native ``/generate`` drops ``sampling_params.custom_params``."""
+    params = entropy.get("params") or {}
+    name = params.get("group_id") or params.get("budget_group")
+    return {ROUTING_KEY_HEADER: str(name)} if name else {}

@@ -175,3 +175,42 @@ def _stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+ROUTING_KEY_HEADER = "x-smg-routing-key"  # sglang-router's manual policy sends equal keys to one server
+
+
+def router_command(worker_urls: list[str], port: int) -> list[str]:
+    """sglang-router in front of ``worker_urls``, with affinity by routing key (its manual
+    policy): the requests of one group carry the group's name in ``ROUTING_KEY_HEADER``."""
+    return [
+        sys.executable,
+        "-m",
+        "sglang_router.launch_router",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--policy",
+        "manual",
+        "--worker-urls",
+        *worker_urls,
+    ]
+
+
+@contextmanager
+def router(worker_urls: list[str], timeout=300):
+    """Start sglang-router in front of running servers, wait until it generates, yield a
+    ``Server`` for it, stop it."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="sglang-entropy-router-", suffix=".log", delete=False)
+    process = subprocess.Popen(
+        router_command(worker_urls, port), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    server = Server(process, f"http://127.0.0.1:{port}", Path(log.name))
+    try:
+        _wait_ready(server, timeout, None)
+        yield server
+    finally:
+        _stop(process)
+        log.close()

@@ -244,7 +244,22 @@ class EntropyRuntime:
             except Exception as e:  # fail this policy's requests, not the server
                 logger.exception("policy %s raised in decode_step", name)
                 decisions.failures[index] = e
-        return StepOutput(*decisions.pack(valid, token_index, signals), runtime=self)
+        packed, event_names, failures = decisions.pack(valid, token_index, signals)
+        return StepOutput(agree_across_tensor_parallel_ranks(packed), event_names, failures, runtime=self)
+
+
+def agree_across_tensor_parallel_ranks(packed: torch.Tensor) -> torch.Tensor:
+    """With tensor parallelism every rank runs the step on the same all-gathered logits, so
+    the ranks' results agree as far as their arithmetic does (SGLang's sampler assumes as much).
+    One all-reduce of the step's packed results [B, C] over the TP group makes them equal
+    bit for bit, so no rank stops or forks a sequence that another keeps (which would leave
+    the ranks' batches apart and hang the next collective). On the device, no host sync."""
+    from sglang.srt.distributed.parallel_state import get_tp_group, model_parallel_is_initialized
+
+    if not model_parallel_is_initialized() or get_tp_group().world_size == 1:  # (unit tests: no groups)
+        return packed
+    torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX, group=get_tp_group().device_group)
+    return packed
 
 
 @dataclass
