@@ -3,7 +3,7 @@
 # The router runs its manual policy: requests with the same x-smg-routing-key header go to the
 # same server, which is where a named group (group_id) or a budget group (budget_group) must
 # meet; sglang_entropy.tools.client.routing_headers(entropy) gives that header. Send requests
-# through the router's OpenAI routes: its native /generate drops sampling_params.custom_params.
+# through the router's /v1/completions: its /generate and /v1/chat/completions drop custom_params.
 # Usage: examples/launch_router.sh [ROUTER_PORT]   (the servers take the next two ports)
 set -euo pipefail
 MODEL=$(sglang-entropy build-model)

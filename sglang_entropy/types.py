@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -194,8 +196,17 @@ class DenoiseStep:
     canvas: torch.Tensor  # [B, L] bool, positions generated in this block (masked at its first step)
     step_index: torch.Tensor  # [B] int64
     max_steps: int
-    params: BaseModel  # the policy's parameters (from --dllm-algorithm-config), the same for every row
+    params: BaseModel  # the policy's parameters from --dllm-algorithm-config (the launch's)
     state: dict[str, torch.Tensor]  # the policy's buffers from ``denoise_start``, [B, ...]
+    # each row's parameters, [B] per field (``encode_params``): its request's
+    # ``custom_params.entropy.params`` over the launch's; empty when every row has ``params``
+    row_params: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def rows(self) -> Mapping[str, torch.Tensor]:
+        """Each row's parameters, [B] per field, on the logits' device."""
+        if self.row_params:
+            return self.row_params
+        return param_rows([self.params] * self.logits.shape[0], self.logits.device)
 
 
 @dataclass
@@ -239,3 +250,32 @@ class RouteDecision:
 
     drafter: torch.Tensor  # [B] int64
     confidence: torch.Tensor | None = None  # [D, B] float
+
+
+def encode_params(params: BaseModel) -> dict[str, float | int | bool]:
+    """A policy's pydantic parameters as numbers: a Literal of strings becomes the index of the
+    value among its choices, None -1 (int fields) or NaN (float fields)."""
+    encoded = {}
+    for name, info in type(params).model_fields.items():
+        value = getattr(params, name)
+        args = typing.get_args(info.annotation)
+        if typing.get_origin(info.annotation) is typing.Literal:
+            encoded[name] = args.index(value)
+        elif isinstance(value, bool | int | float):
+            encoded[name] = value
+        elif value is None and int in args:
+            encoded[name] = -1
+        elif value is None and float in args:
+            encoded[name] = math.nan
+    return encoded
+
+
+def param_rows(rows: list[BaseModel], device) -> dict[str, torch.Tensor]:
+    """One [B] tensor per numeric field of the rows' parameters (``encode_params``): bool, int64
+    or float32 by the first row's value."""
+    encoded = [encode_params(p) for p in rows]
+    columns = {}
+    for name, first in encoded[0].items():
+        dtype = torch.bool if isinstance(first, bool) else torch.int64 if isinstance(first, int) else torch.float32
+        columns[name] = torch.tensor([e[name] for e in encoded], dtype=dtype, device=device)
+    return columns

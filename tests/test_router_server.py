@@ -1,6 +1,7 @@
-"""End to end: every feature through sglang-router in front of two servers, over the OpenAI
-routes (the router's native ``/generate`` drops ``sampling_params.custom_params``), with the
-router's affinity by routing key for groups that span requests; the same results as one server.
+"""End to end: every feature through sglang-router in front of two servers, over
+``/v1/completions`` (sglang-router 0.3.2 re-serialises the bodies of ``/generate`` and
+``/v1/chat/completions`` without ``custom_params``), with the router's affinity by routing key
+for groups that span requests; the same results as one server.
 """
 
 import uuid
@@ -76,12 +77,9 @@ def test_a_named_group_meets_on_one_server_by_its_routing_key(routed):
 def test_an_eager_tree_and_a_budget_group_hold_through_the_router(routed):
     router, _ = routed
     eager = {"policy": "eager", "params": {"threshold": 0.5, "max_sequences": 4}, "return_signals": ["topk_entropy"]}
-    chat = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 12, "temperature": 0.7}
-    body = {"model": "default", **chat, "custom_params": {"entropy": eager}}
-    response = requests.post(f"{router.url}/v1/chat/completions", json=body, timeout=600)
-    assert response.status_code == 200, response.text
-    sequences = [entry["sequence"] for entry in response.json()["metadata"]["entropy"]]
-    assert 1 < len(sequences) <= 4 and sequences[0]["parent"] is None
+    out = completion(router.url, eager, prompt="Name a colour:", max_tokens=12, temperature=0.7)
+    sequences = [entry["sequence"] for entry in out["metadata"]["entropy"]]
+    assert 1 < len(sequences) <= 4 and len(out["choices"]) == len(sequences) and sequences[0]["parent"] is None
 
     # two requests at once share a budget of 3 sequences: their routing key sends both to one
     # server, where the budget is kept (each alone would fork to 3 at a threshold of 0)
@@ -98,3 +96,16 @@ def test_an_eager_tree_and_a_budget_group_hold_through_the_router(routed):
             )
         )
     assert sum(len(out["choices"]) for out in outs) == 3
+
+
+def test_the_routes_that_lose_the_options_behind_the_router(routed):
+    """What the README warns of, pinned to sglang-router 0.3.2: its /generate and chat routes
+    forward no custom_params, so the server never sees the options (use /v1/completions)."""
+    router, _ = routed
+    entropy = {"return_signals": ["entropy"]}
+    chat = {"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    chat["custom_params"] = {"entropy": entropy}
+    out = requests.post(f"{router.url}/v1/chat/completions", json=chat, timeout=600).json()
+    assert "entropy" not in (out.get("metadata") or {})
+    native = {"text": "Hi", "sampling_params": {"max_new_tokens": 4, "custom_params": {"entropy": entropy}}}
+    assert "entropy" not in requests.post(f"{router.url}/generate", json=native, timeout=600).json()["meta_info"]

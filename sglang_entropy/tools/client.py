@@ -55,7 +55,8 @@ def routing_headers(entropy: dict) -> dict[str, str]:
     """HTTP headers that send the requests of one group to one server behind sglang-router
     (launched with ``--policy manual``): the group's ``group_id`` or ``budget_group`` as the
     routing key. Empty for a request that names no group. Send requests through the router's
-    OpenAI routes: its native ``/generate`` drops ``sampling_params.custom_params``."""
+    ``/v1/completions``: sglang-router 0.3.2 forwards ``/generate`` and ``/v1/chat/completions``
+    without ``custom_params``."""
     params = entropy.get("params") or {}
     name = params.get("group_id") or params.get("budget_group")
     return {ROUTING_KEY_HEADER: str(name)} if name else {}

@@ -180,7 +180,7 @@ def _stop(process: subprocess.Popen) -> None:
 ROUTING_KEY_HEADER = "x-smg-routing-key"  # sglang-router's manual policy sends equal keys to one server
 
 
-def router_command(worker_urls: list[str], port: int) -> list[str]:
+def router_command(worker_urls: list[str], port: int, metrics_port: int) -> list[str]:
     """sglang-router in front of ``worker_urls``, with affinity by routing key (its manual
     policy): the requests of one group carry the group's name in ``ROUTING_KEY_HEADER``."""
     return [
@@ -193,6 +193,8 @@ def router_command(worker_urls: list[str], port: int) -> list[str]:
         str(port),
         "--policy",
         "manual",
+        "--prometheus-port",  # its default port is fixed: a second router on the machine would fail
+        str(metrics_port),
         "--worker-urls",
         *worker_urls,
     ]
@@ -205,7 +207,7 @@ def router(worker_urls: list[str], timeout=300):
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="sglang-entropy-router-", suffix=".log", delete=False)
     process = subprocess.Popen(
-        router_command(worker_urls, port), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        router_command(worker_urls, port, free_port()), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     server = Server(process, f"http://127.0.0.1:{port}", Path(log.name))
     try:

@@ -21,6 +21,8 @@ tau falls from ``exit_tau_high`` to ``exit_tau_low``: linear, cosine or exponent
 from __future__ import annotations
 
 import math
+import typing
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -64,22 +66,31 @@ class CCDParams(PolicyParams):
             raise ValueError("exit_tau_low must not exceed exit_tau_high (the schedule is non-increasing)")
         return self
 
-    @property
-    def max_candidates(self) -> int:
-        return self.budget + math.floor(self.budget * self.expand_ratio)
+
+EARLY_EXITS = typing.get_args(CCDParams.model_fields["early_exit"].annotation)  # index = encoded value
 
 
-def exit_threshold(params: CCDParams, progress: torch.Tensor) -> torch.Tensor:
-    """[B] tau(progress), non-increasing in progress = t / T (clamped to [0, 1])."""
-    high, low = params.exit_tau_high, params.exit_tau_low
+def max_candidates(rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[B] the candidate set's cap: budget + floor(budget * expand_ratio)."""
+    budget = rows["budget"]
+    return budget + torch.floor(budget * rows["expand_ratio"]).long()
+
+
+def exit_threshold(rows: Mapping[str, torch.Tensor], progress: torch.Tensor) -> torch.Tensor:
+    """[B] tau(progress), non-increasing in progress = t / T (clamped to [0, 1]); +inf for
+    rows without an early exit."""
+    high, low = rows["exit_tau_high"], rows["exit_tau_low"]
     p = progress.float().clamp(0.0, 1.0)
-    if params.early_exit == "linear":
-        return high - (high - low) * p
-    if params.early_exit == "cosine":
-        return low + (high - low) * 0.5 * (1 + torch.cos(math.pi * p))
-    if params.early_exit == "exponential":
-        return low + (high - low) * torch.exp(-params.exit_rate * p)
-    return torch.full_like(p, math.inf)
+    schedules = {
+        "none": torch.full_like(p, math.inf),
+        "linear": high - (high - low) * p,
+        "cosine": low + (high - low) * 0.5 * (1 + torch.cos(math.pi * p)),
+        "exponential": low + (high - low) * torch.exp(-rows["exit_rate"] * p),
+    }
+    tau = schedules["none"]
+    for index, name in enumerate(EARLY_EXITS):
+        tau = torch.where(rows["early_exit"] == index, schedules[name], tau)
+    return tau
 
 
 @hookimpl
@@ -116,7 +127,7 @@ def denoise_buffers(batch_size: int, block_size: int, device) -> dict[str, torch
 
 
 def ccd_unmask(step: DenoiseStep) -> UnmaskDecision:
-    params: CCDParams = step.params
+    rows = step.rows()  # each row's parameters, [B] per field
     logits = step.logits.float()  # [B, L, V]
     masked, state = step.masked, step.state  # [B, L]
     log_probs = logits.log_softmax(dim=-1)
@@ -127,24 +138,29 @@ def ccd_unmask(step: DenoiseStep) -> UnmaskDecision:
     rank = _rank_among_masked(score, masked)  # [B, L], 0 = best masked position
     candidates = masked & (rank < state["set_size"][:, None])
     matched = candidates & state["candidates"] & (predicted == state["tokens"])
-    top_budget = masked & (rank < params.budget)
-    adaptive = (matched.sum(dim=1) >= params.budget) & (step.step_index >= params.warmup_steps)
-    if not params.adaptive:
-        adaptive = torch.zeros_like(adaptive)
+    budget = rows["budget"]  # [B]
+    top_budget = masked & (rank < budget[:, None])
+    adaptive = (matched.sum(dim=1) >= budget) & (step.step_index >= rows["warmup_steps"]) & rows["adaptive"]
     commit = torch.where(adaptive[:, None], matched, top_budget)
 
     margin = _mean_margin(top2.values, masked)  # [B]
-    tau = exit_threshold(params, step.step_index / step.max_steps)
+    tau = exit_threshold(rows, step.step_index / step.max_steps)  # [B], inf: no early exit
     exit_now = margin >= tau
 
     left = (masked & ~commit).sum(dim=1)
     block = masked.shape[1]
-    grown = (state["set_size"] + 1).clamp(max=params.max_candidates)
-    state["set_size"] = torch.where(left <= params.reset_share * block, torch.ones_like(grown), grown)
+    grown = torch.minimum(state["set_size"] + 1, max_candidates(rows))
+    state["set_size"] = torch.where(left <= rows["reset_share"] * block, torch.ones_like(grown), grown)
     state["candidates"], state["tokens"] = candidates, predicted
-    trace = {"score": score, "candidates": candidates, "matched": matched, "adaptive": adaptive}
-    if params.early_exit != "none":
-        trace.update(margin=margin, tau=tau)
+    trace = {
+        "score": score,
+        "candidates": candidates,
+        "matched": matched,
+        "adaptive": adaptive,
+        "budget": budget,
+        "margin": margin,
+        "tau": tau,
+    }
     return UnmaskDecision(commit=commit, exit=exit_now, trace=trace)
 
 

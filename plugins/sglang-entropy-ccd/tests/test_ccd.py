@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from sglang_entropy_ccd import policy as ccd
 
 from sglang_entropy.adapter.scheduler import dllm
-from sglang_entropy.types import DenoiseStep
+from sglang_entropy.types import DenoiseStep, param_rows
 
 MASK = 99
 
@@ -21,7 +21,7 @@ MASK = 99
 def test_exit_schedules_fall_from_high_to_low(schedule, high, drop):
     params = ccd.CCDParams(early_exit=schedule, exit_tau_high=high, exit_tau_low=high - drop)
     progress = torch.linspace(0, 1, 11)
-    tau = ccd.exit_threshold(params, progress)
+    tau = ccd.exit_threshold(param_rows([params] * len(progress), "cpu"), progress)
     assert torch.all(tau[1:] <= tau[:-1] + 1e-4)
     assert tau[0].item() == pytest.approx(high, abs=1e-4)
     if schedule != "exponential":  # the exponential approaches tau_low but only reaches it at rate -> inf
@@ -216,3 +216,20 @@ def test_block_events_count_forwards_across_first_done_first_out_calls():
     assert event == {"kind": "block", "nfe": 2, "start": 0, "tokens": 4, "prompt_nfe": 1}
     shaped, _ = entropy_field(dict(req.customized_info), "ccd", 0)
     assert shaped["nfe"] == 3
+
+
+def test_rows_decide_by_their_own_parameters():
+    """A batch mixing settings: the same block under two budgets and early exits."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 8, 50, generator=generator).expand(2, 8, 50)  # [B, L, V], the same block twice
+    masked = torch.ones(2, 8, dtype=torch.bool)
+    launch = ccd.CCDParams(adaptive=False)
+    rows = [launch, ccd.CCDParams(adaptive=False, budget=3, early_exit="linear", exit_tau_high=0.0, exit_tau_low=0.0)]
+    state = ccd.CCD().denoise_start(2, 8, launch, "cpu")
+    step = DenoiseStep(
+        logits, masked, masked, torch.zeros(2, dtype=torch.int64), 9, launch, state, param_rows(rows, "cpu")
+    )
+    decision = ccd.CCD().unmask_step(step)
+    assert decision.commit.sum(dim=1).tolist() == [1, 3]
+    assert decision.exit.tolist() == [False, True]  # a threshold of 0: the second row exits at once
+    assert decision.trace["budget"].tolist() == [1, 3]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import typing
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ from sglang_entropy.adapter.protocol import EVENTS_KEY, put_token_value
 from sglang_entropy.adapter.scheduler.state import STATE
 from sglang_entropy.registry import PolicyRegistry, installed_policies
 from sglang_entropy.settings import ServerSettings
-from sglang_entropy.types import DraftProposals, RouteDecision
+from sglang_entropy.types import DraftProposals, RouteDecision, encode_params
 
 logger = logging.getLogger(__name__)
 
@@ -32,25 +31,6 @@ class RouteState:
     policy: str
     params: dict[str, float | int]  # numeric encoding of the parameters (see encode_params)
     previous: int = -1  # drafter chosen at the previous step
-
-
-def encode_params(params) -> dict[str, float | int]:
-    """A policy's pydantic parameters as numbers: a Literal of strings becomes the index of the
-    value among its choices, None -1 (int fields) or NaN (float fields)."""
-    encoded = {}
-    for name, info in type(params).model_fields.items():
-        value = getattr(params, name)
-        annotation = info.annotation
-        args = typing.get_args(annotation)
-        if typing.get_origin(annotation) is typing.Literal:
-            encoded[name] = args.index(value)
-        elif isinstance(value, bool | int | float):
-            encoded[name] = value
-        elif value is None and int in args:
-            encoded[name] = -1
-        elif value is None and float in args:
-            encoded[name] = math.nan
-    return encoded
 
 
 class Router:
