@@ -132,7 +132,8 @@ class UnmaskPolicy(Protocol):
         """Choose which masked positions to commit at a denoising step.
 
         Called after every model forward of a block that still has masked positions, with a
-        ``DenoiseStep`` ([B, L, V] logits, [B, L] masks). Returns an ``UnmaskDecision``: a
+        ``DenoiseStep`` ([B, L, V] logits, [B, L] masks; ``step.rows()`` gives each row's
+        parameters as [B] tensors, for a request may set its own). Returns an ``UnmaskDecision``: a
         [B, L] bool of positions to commit, optionally a [B] bool early exit and the values to
         record in a debug trace. Device code only.
         """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,6 +20,7 @@ ENV_ENABLE = "SGLANG_ENTROPY_ENABLE"
 ENV_POLICIES = "SGLANG_ENTROPY_POLICIES"
 ENV_CONFIG = "SGLANG_ENTROPY_CONFIG"
 ENV_DRAFTERS = "SGLANG_ENTROPY_DRAFTERS"  # comma-separated drafter model paths (--entropy-drafters)
+ENV_DLLM = "SGLANG_ENTROPY_DLLM_ALGORITHM"  # SGLang's --dllm-algorithm, set by the launch check
 REQUEST_KEY = "entropy"  # sampling_params.custom_params["entropy"]
 PREFIX = f"custom_params.{REQUEST_KEY}"  # where errors point
 SAMPLING_EPS = 1e-6  # SGLang samples greedily below this temperature (sglang.srt.sampling.sampling_params)
@@ -106,6 +108,7 @@ class ResolvedRequest:
     entropy_k: int
     window: int
     dllm_trace: bool = False  # diffusion LMs: record every denoising step's decisions
+    dllm_params: dict[str, Any] | None = None  # diffusion LMs: the launched algorithm's parameters this request sets
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class ServerSettings:
     allowed_policies: tuple[str, ...] | None  # None: every installed policy
     config: ServerConfig
     drafters: tuple[str, ...] = ()  # speculative drafter models (--entropy-drafters)
+    dllm_algorithm: str | None = None  # the diffusion LM algorithm the server runs (--dllm-algorithm)
 
     @classmethod
     def from_env(cls, environ=os.environ) -> "ServerSettings":
@@ -125,6 +129,7 @@ class ServerSettings:
             allowed_policies=tuple(n.strip() for n in allowed.split(",") if n.strip()) if allowed else None,
             config=load_config(config_path) if config_path else ServerConfig(),
             drafters=parse_drafters(environ.get(ENV_DRAFTERS, "")),
+            dllm_algorithm=environ.get(ENV_DLLM) or None,
         )
 
     def check(self, registry: PolicyRegistry) -> None:
@@ -137,15 +142,7 @@ class ServerSettings:
             where = f"--entropy-config: policies.{policy}"
             if policy not in registry:
                 raise ValueError(f"{where}: no such policy is installed; installed: {registry.names()}")
-            fields = registry.get(policy).spec.params.model_fields
-            for name, value in defaults.items():
-                if name not in fields:
-                    raise ValueError(f"{where}.{name}: not a parameter of {policy}; parameters: {sorted(fields)}")
-                field_type = Annotated[(fields[name].annotation, AllowInfNan(False), *fields[name].metadata)]
-                try:  # each default alone: rules across fields are checked per request
-                    TypeAdapter(field_type).validate_python(value)
-                except ValidationError as e:
-                    raise ValueError(describe_errors(e, f"{where}.{name}")) from None
+            check_fields(registry.get(policy).spec.params, defaults, where, ValueError)
 
     def check_decoding(self, registry: PolicyRegistry, speculative: str | None, dllm: str | None) -> None:
         """A server that decodes speculatively or runs a diffusion LM has no decode steps for a
@@ -207,7 +204,7 @@ class ServerSettings:
             request = EntropyRequest.model_validate(raw[REQUEST_KEY])
         except ValidationError as e:
             raise EntropyRequestError(describe_errors(e, PREFIX)) from None
-        params = None
+        params, dllm_params = None, None
         if request.policy is not None:
             spec = self._selectable(request.policy, registry)
             greedy = (temperature is not None and temperature < SAMPLING_EPS) or top_k == 1
@@ -219,8 +216,18 @@ class ServerSettings:
                 raise EntropyRequestError(describe_errors(e, f"{PREFIX}.params")) from None
             self._check_sequences(spec, params, n, PREFIX)
         elif request.params:
+            dllm_params = self._dllm_params(request.params, registry)
+        return self._with_signal_settings(request, params, dllm_params)
+
+    def _dllm_params(self, values: dict, registry: PolicyRegistry) -> dict:
+        """On a diffusion LM server, ``params`` without a policy set the launched algorithm's
+        parameters for this request: each is checked here against the policy's model; the
+        scheduler checks them together with the launch's (``--dllm-algorithm-config``)."""
+        policy = registry.dllm_policies().get(self.dllm_algorithm) if self.dllm_algorithm else None
+        if policy is None:
             raise EntropyRequestError(f"{PREFIX}.params: parameters given without a policy")
-        return self._with_signal_settings(request, params)
+        check_fields(registry.get(policy).spec.params, values, f"{PREFIX}.params", EntropyRequestError)
+        return dict(values)
 
     def _selectable(self, policy: str, registry: PolicyRegistry):
         """The spec of a policy a request may select by name on this server."""
@@ -245,7 +252,7 @@ class ServerSettings:
             )
         return spec
 
-    def _with_signal_settings(self, request: EntropyRequest, params) -> ResolvedRequest:
+    def _with_signal_settings(self, request: EntropyRequest, params, dllm_params=None) -> ResolvedRequest:
         """The request with the signal settings its policy sets (or the server's), in range."""
         signals = self.config.signals
         confidence = isinstance(params, ConfidenceParams)  # the policy's own signal settings win
@@ -267,6 +274,7 @@ class ServerSettings:
             entropy_k=entropy_k,
             window=window,
             dllm_trace=request.dllm_trace,
+            dllm_params=dllm_params,
         )
 
     def _check_sequences(self, spec, params, n: int, prefix: str) -> None:
@@ -288,6 +296,23 @@ class ServerSettings:
                 f"{prefix}.params.max_sequences: {wanted} exceeds this server's limit of {limit} "
                 "per request ([limits] max_sequences)"
             )
+
+
+def check_fields(model: type[BaseModel], values: dict, where: str, error: type[ValueError]) -> None:
+    """Each of ``values`` alone against its field of ``model`` (raises ``error`` naming the
+    field): rules across fields are checked where all the values meet."""
+    fields = model.model_fields
+    for name, value in values.items():
+        if name not in fields:
+            raise error(f"{where}.{name}: not a parameter of this policy; parameters: {sorted(fields)}")
+        annotation = fields[name].annotation
+        finite = (AllowInfNan(False),) if float in (annotation, *typing.get_args(annotation)) else ()
+        metadata = (*finite, *fields[name].metadata)
+        field_type = Annotated[(annotation, *metadata)] if metadata else annotation
+        try:
+            TypeAdapter(field_type).validate_python(value)
+        except ValidationError as e:
+            raise error(describe_errors(e, f"{where}.{name}")) from None
 
 
 def load_config(path: str | Path) -> ServerConfig:

@@ -5,7 +5,7 @@ import pytest
 
 from sglang_entropy import hookimpl
 from sglang_entropy.registry import PolicyRegistry, installed_policies, make_plugin_manager
-from sglang_entropy.settings import EntropyRequestError, ServerSettings, load_config
+from sglang_entropy.settings import EntropyRequestError, ServerConfig, ServerSettings, load_config
 from sglang_entropy.types import PolicyParams, PolicySpec
 
 
@@ -105,3 +105,23 @@ def test_bad_config_file_is_a_clear_error(tmp_path):
 def test_unknown_policy_at_launch_is_a_clear_error():
     with pytest.raises(ValueError, match="not installed"):
         settings(SGLANG_ENTROPY_POLICIES="deepconf,missing").enabled_policies(installed_policies())
+
+
+def test_config_defaults_of_every_field_type_are_checked_field_by_field():
+    """Literal, bool and optional fields too (a finiteness check applies to floats only)."""
+    config = ServerConfig.model_validate({"policies": {"taps": {"granularity": "request", "drafter": 1}}})
+    ServerSettings(enabled=True, allowed_policies=None, config=config).check(installed_policies())
+    bad = ServerConfig.model_validate({"policies": {"taps": {"granularity": "sometimes"}}})
+    with pytest.raises(ValueError, match="policies.taps.granularity"):
+        ServerSettings(enabled=True, allowed_policies=None, config=bad).check(installed_policies())
+
+
+def test_a_diffusion_server_takes_the_launched_algorithms_parameters_per_request():
+    raw = {"entropy": {"params": {"budget": 2, "early_exit": "none"}}}
+    dllm = ServerSettings(enabled=True, allowed_policies=None, config=ServerConfig(), dllm_algorithm="CCD")
+    assert dllm.resolve(raw, installed_policies()).dllm_params == {"budget": 2, "early_exit": "none"}
+    with pytest.raises(EntropyRequestError, match=r"custom_params\.entropy\.params\.budget"):
+        dllm.resolve({"entropy": {"params": {"budget": 0}}}, installed_policies())
+    plain = ServerSettings(enabled=True, allowed_policies=None, config=ServerConfig())
+    with pytest.raises(EntropyRequestError, match="parameters given without a policy"):
+        plain.resolve(raw, installed_policies())

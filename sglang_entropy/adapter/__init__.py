@@ -12,7 +12,7 @@ import os
 
 from sglang.srt.plugins.hook_registry import HookType
 
-from sglang_entropy.settings import ENV_ENABLE, ServerSettings
+from sglang_entropy.settings import ENV_DLLM, ENV_ENABLE, ServerSettings
 
 _activated = False
 HTTP_APP_ENV = "SGLANG_HTTP_SERVER_APP_PATH"  # the app SGLang's uvicorn tokenizer workers import
@@ -52,6 +52,8 @@ def check_launch(result, server_args, *args, **kwargs):
     class is made: ``resolve_once`` is the first method of it a hook can wrap.)"""
     from sglang_entropy.registry import installed_policies
 
+    if server_args.dllm_algorithm:  # SGLang's processes (spawned after this) resolve requests with it
+        os.environ[ENV_DLLM] = server_args.dllm_algorithm
     settings = checked_settings()
     try:
         settings.check_decoding(installed_policies(), server_args.speculative_algorithm, server_args.dllm_algorithm)

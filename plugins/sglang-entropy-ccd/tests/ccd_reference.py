@@ -76,7 +76,7 @@ def check_trace(trace: list[dict], params: dict, block_size: int, max_steps: int
         margins = [step.get("margin", 0.0)] * block_size  # the trace holds the mean; replay it as is
         commit, matched, candidates, exit_now = ref.step(masked, step["score"], step["predicted"], margins)
         got = {i for i, c in enumerate(step["commit"]) if c}
-        if "tau" in step:
+        if step.get("tau") is not None:  # null: no early exit (an infinite threshold)
             assert exit_now == (step["margin"] >= step["tau"]), f"step {t}: exit decision"
         assert {i for i, c in enumerate(step["candidates"]) if c} == candidates, f"step {t}: candidate set"
         assert {i for i, c in enumerate(step["matched"]) if c} == matched, f"step {t}: matched set"

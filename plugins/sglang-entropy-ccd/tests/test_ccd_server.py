@@ -79,7 +79,7 @@ def test_committed_positions_obey_the_rule_and_answers_are_right(ccd_server):
                 assert not any(step["commit"][offset + j] for step in trace[:committed_at])
                 if j < len(tokens):  # SGLang drops what follows the first EOS
                     assert tokens[j] == trace[committed_at]["predicted"][offset + j]
-            exits = [t for t, step in enumerate(trace) if "tau" in step and step["margin"] >= step["tau"]]
+            exits = [t for t, step in enumerate(trace) if step.get("tau") is not None and step["margin"] >= step["tau"]]
             assert block["exit_step"] == (exits[0] if exits else None)
         correct += out["text"].strip() == answer
     assert correct / len(problems) >= 0.8, f"{correct}/{len(problems)} right"
@@ -140,6 +140,48 @@ def test_what_a_diffusion_server_cannot_give_is_a_clear_400(ccd_server):
         body = {"model": "default", "prompt": "1+2=", "max_tokens": 4, "custom_params": {"entropy": entropy}}
         response = requests.post(f"{ccd_server.url}/v1/completions", json=body, timeout=60)
         assert response.status_code == 400 and field in response.text
+
+
+def test_per_request_parameters_change_only_their_own_rows(ccd_server):
+    """One batch mixing settings: each request's blocks follow the rule with its own parameters
+    over the launch's, re-checked from its trace; the others run with the launch's."""
+    settings = [None, {"budget": 2, "adaptive": False, "early_exit": "none"}, {"budget": 3, "warmup_steps": 0}]
+    problems = _problems(11, 12)
+
+    def run(i):
+        params = settings[i % len(settings)]
+        entropy = {"dllm_trace": True, **({"params": params} if params else {})}
+        body = {"text": problems[i][0], "sampling_params": {"max_new_tokens": 16, "temperature": 0}}
+        body["sampling_params"]["custom_params"] = {"entropy": entropy}
+        response = requests.post(f"{ccd_server.url}/generate", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        return params, response.json()
+
+    with ThreadPoolExecutor(4) as pool:  # requests of all three settings share batches
+        results = list(pool.map(run, range(len(problems))))
+    for params, out in results:
+        effective = {**CCD_CONFIG, **(params or {})}
+        for block in [e for e in out["meta_info"]["entropy"]["events"] if e["kind"] == "block"]:
+            check_trace(block["trace"], effective, BLOCK, MAX_STEPS)
+            assert all(step["budget"] == effective.get("budget", 1) for step in block["trace"])
+            if effective["early_exit"] == "none":
+                assert block["exit_step"] is None and all(step["tau"] is None for step in block["trace"])
+
+
+def test_per_request_parameters_are_validated(ccd_server):
+    for params, field in (
+        ({"budget": 0}, "params.budget"),
+        ({"no_such": 1}, "params.no_such"),
+        ({"early_exit": "sigmoid"}, "params.early_exit"),
+        ({"exit_tau_high": "NaN"}, "params.exit_tau_high"),
+    ):
+        body = {"text": "1+2=", "sampling_params": {"custom_params": {"entropy": {"params": params}}}}
+        response = requests.post(f"{ccd_server.url}/generate", json=body, timeout=60)
+        assert response.status_code == 400 and f"custom_params.entropy.{field}" in response.text, response.text
+    # each value alone is valid, together they are not: the scheduler aborts the request with a 400
+    body = {"text": "1+2=", "sampling_params": {"custom_params": {"entropy": {"params": {"exit_tau_low": 9.0}}}}}
+    response = requests.post(f"{ccd_server.url}/generate", json=body, timeout=60)
+    assert response.status_code == 400 and "exit_tau_low must not exceed exit_tau_high" in response.text
 
 
 def test_synchronous_schedule_gives_the_same_answers_and_follows_the_rule(dllm_model, ccd_server, tmp_path_factory):

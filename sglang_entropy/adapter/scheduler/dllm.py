@@ -22,11 +22,11 @@ import torch
 from sglang.srt.dllm.algorithm.base import DllmAlgorithm
 from sglang.srt.plugins.hook_registry import HookType
 
-from sglang_entropy.adapter.protocol import EVENTS_KEY, policy_failure, put_token_value
+from sglang_entropy.adapter.protocol import EVENTS_KEY, invalid_request, policy_failure, put_token_value
 from sglang_entropy.adapter.scheduler.state import STATE
 from sglang_entropy.registry import installed_policies
 from sglang_entropy.settings import describe_errors
-from sglang_entropy.types import DenoiseStep
+from sglang_entropy.types import DenoiseStep, param_rows
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class PolicyUnmasking(DllmAlgorithm):
         self.registry = installed_policies()
         self.params = _validate_params(self.policy, config.algorithm_config)
         self.trace_rows: list[bool] = []  # set per call by ``count_forwards``
+        self.request_params: list = []  # each row's parameters, set per call by ``count_forwards``
+        self.row_params: dict[str, torch.Tensor] | None = None  # the same as [B] tensors, made at the call's first step
         self.rows: list[BlockState] = []  # the states of the last step's rows
         self.failure: Exception | None = None
 
@@ -98,6 +100,14 @@ class PolicyUnmasking(DllmAlgorithm):
         batch.split_into(rows, traced, self.trace_rows)
         return done.tolist()  # SGLang's loop needs the host bools (one sync per step, its design)
 
+    def _rows(self, batch_size: int, device) -> dict[str, torch.Tensor]:
+        """Each row's parameters as [B] tensors, once per call; empty when every row has the
+        launch's (the policy then reads ``params``)."""
+        if self.row_params is None:
+            own = len(self.request_params) == batch_size and any(p is not self.params for p in self.request_params)
+            self.row_params = param_rows(self.request_params, device) if own else {}
+        return self.row_params
+
     def _decide(self, batch: "BlockState", logits, masked):
         step = DenoiseStep(
             logits=logits,
@@ -107,6 +117,7 @@ class PolicyUnmasking(DllmAlgorithm):
             max_steps=self.max_steps(self.block_size),
             params=self.params,
             state=batch.policy_state,
+            row_params=self._rows(logits.shape[0], logits.device),
         )
         no_exit = torch.zeros_like(masked[:, 0])
         try:
@@ -228,7 +239,10 @@ def count_forwards(original, worker, forward_batch, batch=None):
 
     ours = hasattr(algorithm, "trace_rows")
     if ours:
-        algorithm.trace_rows = [_wants_trace(req) for req in batch.reqs] if batch is not None else []
+        reqs = batch.reqs if batch is not None else []
+        algorithm.trace_rows = [_wants_trace(req) for req in reqs]
+        algorithm.request_params = [_request_params(algorithm, req) for req in reqs]
+        algorithm.row_params = None
         algorithm.rows, algorithm.failure = [], None
     runner.forward, algorithm.step = counted_forward, recorded_step
     try:
@@ -240,6 +254,29 @@ def count_forwards(original, worker, forward_batch, batch=None):
         record.rows, record.failure = list(algorithm.rows) or None, algorithm.failure
     STATE.dllm_run = record
     return result
+
+
+def _request_params(algorithm: PolicyUnmasking, req):
+    """The parameters a request's rows run with: its ``custom_params.entropy.params`` over the
+    launch's, checked together once per request; a request whose combination is invalid is
+    aborted with the reason (HTTP 400) and its block finishes with the launch's."""
+    if req.rid in STATE.dllm_params:
+        return STATE.dllm_params[req.rid]
+    try:
+        options = STATE.options(req)
+    except ValueError:  # the request is aborted when it gets its slot
+        options = None
+    params = algorithm.params
+    if options is not None and options.dllm_params:
+        from pydantic import ValidationError
+
+        values = {**algorithm.params.model_dump(), **options.dllm_params}
+        try:
+            params = type(algorithm.params).model_validate(values)
+        except ValidationError as e:
+            req.to_finish = invalid_request(ValueError(describe_errors(e, "custom_params.entropy.params")))
+    STATE.dllm_params[req.rid] = params
+    return params
 
 
 def _wants_trace(req) -> bool:

@@ -25,6 +25,7 @@ class SchedulerState(ProcessState):
         self.dllm_run = None  # RunRecord of the last dLLM forward call, for its result processing
         self.block_nfe: dict[str, int] = {}  # rid -> forwards of its block so far (dLLM)
         self.prompt_nfe: dict[str, int] = {}  # rid -> forwards of prompt-only blocks not reported yet
+        self.dllm_params: dict[str, object] = {}  # rid -> the dLLM parameters its rows run with
         self.router = None  # speculative Router, with --entropy-drafters
         self.route_decisions: dict[int, tuple] = {}  # id(step result) -> (router, RouteDecision)
 
@@ -59,6 +60,7 @@ class SchedulerState(ProcessState):
         self.requests.pop(rid, None)
         self.block_nfe.pop(rid, None)
         self.prompt_nfe.pop(rid, None)
+        self.dllm_params.pop(rid, None)
         if self.router is not None:
             self.router.forget(rid)
         self.branches.forget(rid)
