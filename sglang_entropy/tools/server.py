@@ -131,14 +131,17 @@ def server_url(url: str | None, model_path, extra_args=(), progress=None):
 def launch(model_path, enable_entropy=True, extra_args=(), extra_env=None, timeout=600, progress=None):
     """Start the server, wait until it generates, yield a ``Server``, stop it."""
     port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="sglang-entropy-server-", suffix=".log", delete=False)
-    process = subprocess.Popen(
-        server_command(model_path, port, enable_entropy, extra_args),
-        env=server_env(extra_env, extra_args),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    command = server_command(model_path, port, enable_entropy, extra_args)
+    with _running(command, server_env(extra_env, extra_args), port, "server", timeout, progress) as server:
+        yield server
+
+
+@contextmanager
+def _running(command: list[str], env, port: int, name: str, timeout: float, progress):
+    """Run ``command`` in its own process group, logging to a file, until it generates on
+    ``port``; yield it as a ``Server`` and stop it afterwards."""
+    log = tempfile.NamedTemporaryFile(prefix=f"sglang-entropy-{name}-", suffix=".log", delete=False)
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(process, f"http://127.0.0.1:{port}", Path(log.name))
     try:
         _wait_ready(server, timeout, progress)
@@ -205,14 +208,5 @@ def router(worker_urls: list[str], timeout=300):
     """Start sglang-router in front of running servers, wait until it generates, yield a
     ``Server`` for it, stop it."""
     port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="sglang-entropy-router-", suffix=".log", delete=False)
-    process = subprocess.Popen(
-        router_command(worker_urls, port, free_port()), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    server = Server(process, f"http://127.0.0.1:{port}", Path(log.name))
-    try:
-        _wait_ready(server, timeout, None)
+    with _running(router_command(worker_urls, port, free_port()), None, port, "router", timeout, None) as server:
         yield server
-    finally:
-        _stop(process)
-        log.close()

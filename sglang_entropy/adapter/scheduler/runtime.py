@@ -91,6 +91,7 @@ class EntropyRuntime:
         self.policy_index = zeros(torch.int64).fill_(-1)
         self.windows = GroupConfidenceWindows(num_slots, signals.max_window, device)
         self.workspace = Workspace()
+        self.tp_group = tensor_parallel_group()  # all-reduces each step's results across TP ranks
         self.metrics = NoMetrics()  # the scheduler's Metrics with --enable-metrics
         # numeric parameters of each policy, one value per slot
         self.params: list[dict[str, torch.Tensor]] = []
@@ -245,21 +246,23 @@ class EntropyRuntime:
                 logger.exception("policy %s raised in decode_step", name)
                 decisions.failures[index] = e
         packed, event_names, failures = decisions.pack(valid, token_index, signals)
-        return StepOutput(agree_across_tensor_parallel_ranks(packed), event_names, failures, runtime=self)
+        if self.tp_group is not None:
+            # every TP rank runs the step on the same all-gathered logits, so their results agree
+            # as far as their arithmetic does (SGLang's sampler assumes as much); one all-reduce of
+            # the packed [B, C] results makes them equal bit for bit, so no rank stops or forks a
+            # sequence another keeps (which would hang the next collective). On the device.
+            torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX, group=self.tp_group)
+        return StepOutput(packed, event_names, failures, runtime=self)
 
 
-def agree_across_tensor_parallel_ranks(packed: torch.Tensor) -> torch.Tensor:
-    """With tensor parallelism every rank runs the step on the same all-gathered logits, so
-    the ranks' results agree as far as their arithmetic does (SGLang's sampler assumes as much).
-    One all-reduce of the step's packed results [B, C] over the TP group makes them equal
-    bit for bit, so no rank stops or forks a sequence that another keeps (which would leave
-    the ranks' batches apart and hang the next collective). On the device, no host sync."""
+def tensor_parallel_group():
+    """The TP group's device group when the model runs on several TP ranks, else None (one
+    rank, or no groups at all: unit tests)."""
     from sglang.srt.distributed.parallel_state import get_tp_group, model_parallel_is_initialized
 
-    if not model_parallel_is_initialized() or get_tp_group().world_size == 1:  # (unit tests: no groups)
-        return packed
-    torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX, group=get_tp_group().device_group)
-    return packed
+    if not model_parallel_is_initialized() or get_tp_group().world_size == 1:
+        return None
+    return get_tp_group().device_group
 
 
 @dataclass
