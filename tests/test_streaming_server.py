@@ -123,7 +123,9 @@ def test_a_streamed_group_calibrates_on_its_streamed_warmup_traces(entropy_serve
 
 def test_a_consensus_stop_ends_the_streamed_traces(entropy_server, question):
     entropy = {"policy": "deepconf", "params": {"warmup_traces": 2, "consensus": 0.01, "min_votes": 1}}
-    sampling = {"max_new_tokens": 24, "temperature": 1.0, "n": 6, "custom_params": {"entropy": entropy}}
+    # greedy: the two warm-up traces give the same answer, so the vote reaches consensus (sampled
+    # traces of 24 tokens sometimes held no number, and then no vote started the stop)
+    sampling = {"max_new_tokens": 40, "temperature": 0, "n": 6, "custom_params": {"entropy": entropy}}
     streamed, _ = assemble(generate(entropy_server, question, sampling, stream=True))
     assert sorted(streamed) == list(range(6))
     not_started = [s for s in streamed.values() if s["last"]["group"]["role"] is None]
