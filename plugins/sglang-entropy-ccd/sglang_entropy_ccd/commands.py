@@ -18,12 +18,37 @@ def _build(args):
     return ensure_model(TrainConfig(steps=args.steps) if args.steps else TrainConfig(), force=args.force)
 
 
+def _build_long(args):
+    import dataclasses
+
+    from sglang_entropy_ccd.model import LONG_CONFIG, ensure_model
+
+    config = dataclasses.replace(LONG_CONFIG, steps=args.steps) if args.steps else LONG_CONFIG
+    return ensure_model(config, force=args.force)
+
+
+def _run_pareto(args) -> int:
+    from sglang_entropy_ccd.pareto import run_pareto
+
+    return run_pareto(args)
+
+
+def _pair(text: str) -> tuple[float, float]:
+    high, low = text.split(":")
+    return float(high), float(low)
+
+
 @hookimpl
 def register_commands(commands):
     build = commands.add_model(
         "--diffusion", "train the small block-diffusion model for addition instead (CPU)", _build
     )
-    build.add_argument("--steps", type=int, help="--diffusion: training steps (default 4000)")
+    commands.add_model(
+        "--diffusion-long",
+        "train the block-diffusion model for 24-digit addition (answers of 4 blocks) instead (CPU)",
+        _build_long,
+    )
+    build.add_argument("--steps", type=int, help="--diffusion, --diffusion-long: training steps (default 4000, 3000)")
     c = commands.add_bench("ccd", help="diffusion LM: LowConfidence vs CCD vs CCD + early exit: NFE, accuracy, time")
     c.add_argument(
         "--urls", help="four servers, in arm order (LowConfidence, one token per step, CCD, CCD + early exit)"
@@ -41,3 +66,27 @@ def register_commands(commands):
     c.add_argument("--seed", type=int, default=7, help="which questions (training used seed 0)")
     c.add_argument("--out", default="examples/results/ccd_addition")
     c.set_defaults(func=_run)
+    p = commands.add_bench(
+        "ccd-pareto",
+        help="diffusion LM: accuracy against forwards per token for one token per step, LowConfidence, "
+        "JointThreshold, CCD and CCD + early exit (the long-addition model)",
+    )
+    p.add_argument("--model-path", help="diffusion model (default: build-model --diffusion-long's)")
+    p.add_argument("--questions", type=int, default=100)
+    p.add_argument("--seed", type=int, default=7, help="which held-out problems")
+    p.add_argument("--block-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.99, 0.9, 0.7, 0.5], help="LowConfidence's")
+    p.add_argument("--joint-thresholds", type=float, nargs="+", default=[0.9, 0.5], help="JointThreshold's")
+    p.add_argument("--budgets", type=int, nargs="+", default=[1, 2], help="CCD's")
+    p.add_argument("--expand-ratios", type=float, nargs="+", default=[4.0], help="CCD's")
+    p.add_argument("--exit-schedule", choices=("linear", "cosine", "exponential"), default="cosine")
+    p.add_argument(
+        "--taus",
+        type=_pair,
+        nargs="+",
+        default=[(8.0, 4.0), (6.0, 2.0), (4.0, 1.0), (3.0, 0.5)],
+        help="CCD + early exit: HIGH:LOW thresholds of the exit schedule",
+    )
+    p.add_argument("--out", default="examples/results/ccd_pareto")
+    p.set_defaults(func=_run_pareto)

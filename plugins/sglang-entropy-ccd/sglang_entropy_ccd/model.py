@@ -32,6 +32,7 @@ SDAR_MASK_ID = 151669  # fixed by SGLang for SDARForCausalLM (sglang/srt/dllm/co
 VOCAB_SIZE = SDAR_MASK_ID + 1
 EOS_ID = 2  # <|im_end|>
 MODEL_DIR_NAME = "sdar-addition"
+LONG_MODEL_DIR_NAME = "sdar-long-addition"
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ class TrainConfig:
     learning_rate: float = 2e-3
     seed: int = 0
     threads: int = 2
+    task: str = "addition"  # or "long-addition" (see long_addition_problem)
+    digits: int = 24  # long-addition: digits of each operand
+
+
+# Answers of 25 digits and EOS: 4 blocks of 8
+LONG_CONFIG = TrainConfig(task="long-addition", digits=24, steps=3000, batch_size=64, learning_rate=1e-3)
 
 
 def task_tokens(tokenizer) -> dict[str, int]:
@@ -62,6 +69,35 @@ def addition_problem(rng: random.Random, max_operand: int) -> tuple[str, str]:
     # operands of 1, 2 and 3 digits equally often, so short problems are not rare
     a, b = (rng.randrange(0, min(10 ** rng.choice([1, 2, 3]), max_operand + 1)) for _ in range(2))
     return f"{a}+{b}=", str(a + b)
+
+
+def long_addition_problem(rng: random.Random, digits: int) -> tuple[str, str]:
+    """Two ``digits``-digit numbers (leading zeros kept) and their sum, each written least
+    significant digit first, the sum ``digits + 1`` long. Answer digit i is a_i + b_i plus the
+    carry out of digit i - 1, so most digits follow from the two aligned operand digits and the
+    digit before; a run of 9s carries from far back. Easy and hard positions share each block."""
+    a, b = rng.randrange(10**digits), rng.randrange(10**digits)
+
+    def written(n: int, width: int) -> str:
+        return str(n).zfill(width)[::-1]
+
+    return f"{written(a, digits)}+{written(b, digits)}=", written(a + b, digits + 1)
+
+
+def make_problem(rng: random.Random, config: TrainConfig) -> tuple[str, str]:
+    if config.task == "long-addition":
+        return long_addition_problem(rng, config.digits)
+    return addition_problem(rng, config.max_operand)
+
+
+def max_length(config: TrainConfig) -> int:
+    """Tokens of the longest example: prompt, answer and EOS up to the end of its block."""
+    if config.task == "long-addition":
+        prompt, answer = 2 * config.digits + 2, config.digits + 1
+    else:
+        digits = len(str(config.max_operand))
+        prompt, answer = 2 * digits + 2, digits + 1
+    return math.ceil((prompt + answer + 1) / config.block_size) * config.block_size
 
 
 def encode_example(prompt: str, answer: str, ids: dict[str, int], block_size: int) -> tuple[list[int], int]:
@@ -94,7 +130,7 @@ class Trainer:
             num_attention_heads=config.heads,
             num_key_value_heads=config.heads,
             head_dim=config.hidden_size // config.heads,
-            max_position_embeddings=64,
+            max_position_embeddings=max(64, max_length(config)),
             rope_theta=10000.0,
             rms_norm_eps=1e-6,
             tie_word_embeddings=True,
@@ -119,7 +155,7 @@ class Trainer:
         cfg, block = self.config, self.config.block_size
         rows = []
         for _ in range(cfg.batch_size):
-            prompt, answer = addition_problem(self.rng, cfg.max_operand)
+            prompt, answer = make_problem(self.rng, cfg)
             tokens, prompt_len = encode_example(prompt, answer, self.ids, block)
             answer_blocks = range(prompt_len // block, len(tokens) // block)
             noised = self.rng.choice(list(answer_blocks))
@@ -166,10 +202,10 @@ class Trainer:
         rng, block = random.Random(seed), self.config.block_size
         correct = 0
         for _ in range(problems):
-            prompt, answer = addition_problem(rng, self.config.max_operand)
+            prompt, answer = make_problem(rng, self.config)
             tokens = [self.compact[self.ids[c]] for c in prompt]
             mask, eos = self.compact[SDAR_MASK_ID], self.compact[EOS_ID]
-            while eos not in tokens[len(prompt) :] and len(tokens) < 4 * block:
+            while eos not in tokens[len(prompt) :] and len(tokens) < max_length(self.config) + block:
                 end = (len(tokens) // block + 1) * block
                 canvas = torch.tensor(tokens + [mask] * (end - len(tokens)))[None]
                 while (canvas == mask).any():
@@ -216,8 +252,13 @@ class Trainer:
         saved["architectures"] = ["SDARForCausalLM"]
         config_path.write_text(json.dumps(saved, indent=2) + "\n")
         tokenizer.save_pretrained(out_dir)
+        what = (
+            f"block-diffusion LM for {self.config.digits}-digit a+b, least significant digit first"
+            if self.config.task == "long-addition"
+            else "block-diffusion LM for a+b (a, b < 1000)"
+        )
         card = {
-            "what": "block-diffusion LM for a+b (a, b < 1000), trained on CPU by sglang-entropy-ccd",
+            "what": f"{what}, trained on CPU by sglang-entropy-ccd",
             "train_config": asdict(self.config),
             "held_out_accuracy_one_token_per_step": accuracy,
         }
@@ -248,15 +289,16 @@ def build_model(out_dir: Path, config: TrainConfig = TrainConfig(), tokenizer_pa
     return out_dir
 
 
-def default_model_dir() -> Path:
+def default_model_dir(config: TrainConfig = TrainConfig()) -> Path:
     from sglang_entropy.tools.model import cache_dir
 
-    return cache_dir() / MODEL_DIR_NAME
+    return cache_dir() / (LONG_MODEL_DIR_NAME if config.task == "long-addition" else MODEL_DIR_NAME)
 
 
 def ensure_model(config: TrainConfig = TrainConfig(), force: bool = False, progress=print) -> Path:
-    """The default diffusion model's folder, trained first if it is not there yet (about 14 min on 2 cores)."""
-    out = default_model_dir()
+    """A diffusion model's folder, trained first if it is not there yet (the addition model:
+    about 14 min on 2 cores; the long-addition model: ``LONG_CONFIG``)."""
+    out = default_model_dir(config)
     if force or not (out / "config.json").exists():
         build_model(out, config, progress=progress)
     return out

@@ -233,3 +233,23 @@ def test_rows_decide_by_their_own_parameters():
     assert decision.commit.sum(dim=1).tolist() == [1, 3]
     assert decision.exit.tolist() == [False, True]  # a threshold of 0: the second row exits at once
     assert decision.trace["budget"].tolist() == [1, 3]
+
+
+def test_long_addition_answers_span_four_blocks_and_carry_from_the_left():
+    import random
+
+    from sglang_entropy_ccd.model import LONG_CONFIG, encode_example, long_addition_problem, max_length, task_tokens
+    from transformers import AutoTokenizer
+
+    from sglang_entropy.tools.model import default_model_path
+
+    rng = random.Random(3)
+    for _ in range(50):
+        prompt, answer = long_addition_problem(rng, 24)
+        a, b = prompt[:-1].split("+")
+        assert len(a) == len(b) == 24 and len(answer) == 25
+        assert int(a[::-1]) + int(b[::-1]) == int(answer[::-1])  # least significant digit first
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    tokens, prompt_len = encode_example(prompt, answer, task_tokens(tokenizer), LONG_CONFIG.block_size)
+    answer_blocks = (len(tokens) - prompt_len // LONG_CONFIG.block_size * LONG_CONFIG.block_size) // 8
+    assert answer_blocks >= 4 and len(tokens) <= max_length(LONG_CONFIG)
