@@ -13,6 +13,18 @@ pure device code (no ``.item()``, ``.tolist()``, ``.cpu()`` or synchronisation) 
 every row. Lifecycle methods run on the scheduler's host thread, once per request; group
 methods run in the HTTP server process (where the traces of a group meet), once per trace.
 Both may use plain Python. Optional methods may be left out.
+
+Composition: a request may name several decode policies (``custom_params.entropy.policies``,
+a list of ``{policy, params}``); each is validated as if alone. At most one of them may branch
+(``branches=True``) and at most one may form groups (``groups=True``); diffusion and
+speculative policies decide alone. Every policy sees the request's rows in its own
+``step.mask`` and its own parameters and state; the adapter merges their decisions per row:
+the sequence stops if any policy stops it (each stopping policy gets its own stop event with
+its reason and event values; the finish reason names them all), it forks the largest
+``branch_width`` any of them asks for (the branch event names that policy), and logit biases
+add. A group's hooks are the group policy's. Signal settings (``top_k``, ``window_size``,
+``entropy_top_k``) are one per request: the value a policy's parameters set explicitly, and
+two policies that set different values are refused.
 """
 
 from __future__ import annotations
@@ -87,7 +99,10 @@ class DecodePolicy(Protocol):
         token is sampled.
 
         ``request`` is a ``RequestInfo``; ``state`` is the dict from ``init_state``. Reset the
-        slot's buffers here. Returns nothing.
+        slot's buffers here. A sequence forked by a branching policy then takes over its
+        parent's rows of every state buffer (and of the group-confidence window), as they were
+        after the step that forked it, so the policy judges it by its whole trace. Returns
+        nothing.
         """
 
     def request_end(self, request, reason, state):

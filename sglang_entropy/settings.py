@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tomllib
@@ -81,12 +82,25 @@ class ServerConfig(BaseModel):
     policies: dict[str, dict[str, Any]] = Field(default_factory=dict, description="default parameters per policy")
 
 
+MAX_COMPOSED = 4  # policies one request may combine
+
+
+class PolicyChoice(BaseModel):
+    """One policy of a composed request: ``{"policy": NAME, "params": {...}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    policy: str = Field(max_length=128)
+    params: dict[str, Any] = Field(default_factory=dict, max_length=64)
+
+
 class EntropyRequest(BaseModel):
-    """``sampling_params.custom_params["entropy"]`` of one request."""
+    """``sampling_params.custom_params["entropy"]`` of one request: one ``policy`` with its
+    ``params``, or several in ``policies`` (composition; a bare list is read as ``policies``)."""
 
     model_config = ConfigDict(extra="forbid")
     policy: str | None = Field(None, max_length=128)
     params: dict[str, Any] = Field(default_factory=dict, max_length=64)
+    policies: list[PolicyChoice] = Field(default_factory=list, max_length=MAX_COMPOSED)
     return_signals: list[SignalName] = Field(default_factory=list, max_length=32)
     dllm_trace: bool = Field(False, description="diffusion LMs: return every denoising step's decisions")
 
@@ -101,6 +115,10 @@ class EntropyRequestError(ValueError):
 
 @dataclass(frozen=True)
 class ResolvedRequest:
+    """A request's validated options. ``policy`` and ``params`` are its primary policy's: the
+    one that forms its sequences (a branching policy, else a group policy, else the first);
+    ``composed`` lists every policy of the request with its parameters, the primary first."""
+
     policy: str | None
     params: BaseModel | None
     return_signals: tuple[str, ...]
@@ -109,6 +127,21 @@ class ResolvedRequest:
     window: int
     dllm_trace: bool = False  # diffusion LMs: record every denoising step's decisions
     dllm_params: dict[str, Any] | None = None  # diffusion LMs: the launched algorithm's parameters this request sets
+    composed: tuple[tuple[str, BaseModel], ...] = ()  # (policy, params) of each policy, primary first
+
+    @property
+    def policies(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.composed)
+
+    @property
+    def label(self) -> str | list[str] | None:
+        """How responses name the request's policy: its name, or the list of a composition."""
+        return list(self.policies) if len(self.composed) > 1 else self.policy
+
+    def with_params(self, params: BaseModel) -> "ResolvedRequest":
+        """The same request with its primary policy's parameters replaced."""
+        composed = ((self.policy, params), *self.composed[1:])
+        return dataclasses.replace(self, params=params, composed=composed)
 
 
 @dataclass(frozen=True)
@@ -200,24 +233,59 @@ class ServerSettings:
             raise EntropyRequestError("custom_params must be an object")
         if REQUEST_KEY not in raw:
             return None
+        entry = raw[REQUEST_KEY]
         try:
-            request = EntropyRequest.model_validate(raw[REQUEST_KEY])
+            request = EntropyRequest.model_validate({"policies": entry} if isinstance(entry, list) else entry)
         except ValidationError as e:
             raise EntropyRequestError(describe_errors(e, PREFIX)) from None
-        params, dllm_params = None, None
-        if request.policy is not None:
-            spec = self._selectable(request.policy, registry)
-            greedy = (temperature is not None and temperature < SAMPLING_EPS) or top_k == 1
-            context = {"n": n, "temperature": temperature, "greedy": greedy, "num_drafters": len(self.drafters)}
-            merged = {**self.config.policies.get(request.policy, {}), **request.params}
-            try:
-                params = spec.params.model_validate(merged, context=context)
-            except ValidationError as e:
-                raise EntropyRequestError(describe_errors(e, f"{PREFIX}.params")) from None
-            self._check_sequences(spec, params, n, PREFIX)
+        greedy = (temperature is not None and temperature < SAMPLING_EPS) or top_k == 1
+        context = {"n": n, "temperature": temperature, "greedy": greedy, "num_drafters": len(self.drafters)}
+        composed, dllm_params = [], None
+        if request.policies:
+            if request.policy is not None or request.params:
+                raise EntropyRequestError(
+                    f"{PREFIX}.policies: give either one policy (policy, params) or several (policies), not both"
+                )
+            for i, choice in enumerate(request.policies):
+                where = f"{PREFIX}.policies[{i}]"
+                composed.append((choice.policy, self._params(choice.policy, choice.params, context, registry, where)))
+            composed = self._compose(composed, registry, n)
+        elif request.policy is not None:
+            composed = [(request.policy, self._params(request.policy, request.params, context, registry, PREFIX))]
+            self._check_sequences(registry.get(request.policy).spec, composed[0][1], n, PREFIX)
         elif request.params:
             dllm_params = self._dllm_params(request.params, registry)
-        return self._with_signal_settings(request, params, dllm_params)
+        return self._with_signal_settings(request, composed, dllm_params)
+
+    def _params(self, policy: str, values: dict, context: dict, registry: PolicyRegistry, where: str) -> BaseModel:
+        """One policy's parameters: the config file's defaults with the request's, validated."""
+        spec = self._selectable(policy, registry, f"{where}.policy")
+        try:
+            return spec.params.model_validate({**self.config.policies.get(policy, {}), **values}, context=context)
+        except ValidationError as e:
+            raise EntropyRequestError(describe_errors(e, f"{where}.params")) from None
+
+    def _compose(self, composed: list, registry: PolicyRegistry, n: int) -> list:
+        """The rules of a composed request (400 naming why); the primary policy first."""
+        names = [name for name, _ in composed]
+        specs = [registry.get(name).spec for name in names]
+        where = f"{PREFIX}.policies"
+        if len(set(names)) < len(names):
+            raise EntropyRequestError(f"{where}: {names} names a policy twice")
+        for spec in specs:
+            if spec.family != "decode":
+                raise EntropyRequestError(
+                    f"{where}: {spec.name!r} is of family {spec.family!r}; only decode-step policies combine "
+                    "(a diffusion or speculative policy decides alone)"
+                )
+        for kind, what in (("branches", "fork sequences by two rules"), ("groups", "each run their own group")):
+            owners = [spec.name for spec in specs if getattr(spec, kind)]
+            if len(owners) > 1:
+                raise EntropyRequestError(f"{where}: {owners} would {what}; a request may hold one of them")
+        for i, spec in enumerate(specs):
+            self._check_sequences(spec, composed[i][1], n, f"{where}[{i}]")
+        primary = next((i for kind in ("branches", "groups") for i, spec in enumerate(specs) if getattr(spec, kind)), 0)
+        return [composed[primary], *composed[:primary], *composed[primary + 1 :]]
 
     def _dllm_params(self, values: dict, registry: PolicyRegistry) -> dict:
         """On a diffusion LM server, ``params`` without a policy set the launched algorithm's
@@ -229,52 +297,70 @@ class ServerSettings:
         check_fields(registry.get(policy).spec.params, values, f"{PREFIX}.params", EntropyRequestError)
         return dict(values)
 
-    def _selectable(self, policy: str, registry: PolicyRegistry):
+    def _selectable(self, policy: str, registry: PolicyRegistry, where: str = f"{PREFIX}.policy"):
         """The spec of a policy a request may select by name on this server."""
         enabled = self.enabled_policies(registry)
         if policy not in registry:
-            raise EntropyRequestError(f"{PREFIX}.policy: unknown policy {policy!r}; installed: {registry.names()}")
+            raise EntropyRequestError(f"{where}: unknown policy {policy!r}; installed: {registry.names()}")
         if policy not in enabled:
             raise EntropyRequestError(
-                f"{PREFIX}.policy: policy {policy!r} is not enabled on this server "
-                f"(--entropy-policies); enabled: {enabled}"
+                f"{where}: policy {policy!r} is not enabled on this server (--entropy-policies); enabled: {enabled}"
             )
         spec = registry.get(policy).spec
         if spec.family == "dllm":
             raise EntropyRequestError(
-                f"{PREFIX}.policy: {policy!r} is a diffusion unmasking policy; the server runs it for "
+                f"{where}: {policy!r} is a diffusion unmasking policy; the server runs it for "
                 f"every request when launched with --dllm-algorithm {spec.dllm_algorithm}"
             )
         if spec.family == "speculative" and len(self.drafters) < 2:
             raise EntropyRequestError(
-                f"{PREFIX}.policy: {policy!r} routes speculative drafts; it needs a server launched "
+                f"{where}: {policy!r} routes speculative drafts; it needs a server launched "
                 "with --entropy-drafters PATH,PATH (two or more drafter models)"
             )
         return spec
 
-    def _with_signal_settings(self, request: EntropyRequest, params, dllm_params=None) -> ResolvedRequest:
-        """The request with the signal settings its policy sets (or the server's), in range."""
+    def _with_signal_settings(self, request: EntropyRequest, composed: list, dllm_params=None) -> ResolvedRequest:
+        """The request with the signal settings its policies set (or the server's), in range.
+        A slot computes one set of signals, so the policies of a composition must agree on them."""
         signals = self.config.signals
-        confidence = isinstance(params, ConfidenceParams)  # the policy's own signal settings win
-        confidence_k = params.top_k if confidence else signals.confidence_top_k
-        entropy_k = params.entropy_top_k if isinstance(params, TopKEntropyParams) else signals.entropy_top_k
-        window = params.window_size if confidence else signals.window_size
-        for field, value, low, high in (
-            ("top_k", confidence_k, 1, MAX_TOP_K),
-            ("entropy_top_k", entropy_k, 2, MAX_TOP_K),
-            ("window_size", window, 1, signals.max_window),
+        settings = {"top_k": signals.confidence_top_k, "window_size": signals.window_size}
+        settings["entropy_top_k"] = signals.entropy_top_k
+        set_by: dict[str, str] = {}  # field -> the policy whose parameters set it explicitly
+        kinds = (ConfidenceParams, ("top_k", "window_size")), (TopKEntropyParams, ("entropy_top_k",))
+        # the policies' own signal settings win over the server's: a value the request (or the
+        # config file) set over a policy's default; two set values must agree
+        for explicit in (True, False):
+            for name, params in composed:
+                for field in (f for kind, fields in kinds if isinstance(params, kind) for f in fields):
+                    value = getattr(params, field)
+                    if (field in params.model_fields_set) != explicit or (not explicit and field in set_by):
+                        continue
+                    if field in set_by and settings[field] != value:
+                        raise EntropyRequestError(
+                            f"{PREFIX}.policies: {set_by[field]} and {name} set params.{field} to {settings[field]} "
+                            f"and {value}; a request computes its signals one way, so they must agree"
+                        )
+                    settings[field], set_by[field] = value, name
+        for field, low, high in (
+            ("top_k", 1, MAX_TOP_K),
+            ("entropy_top_k", 2, MAX_TOP_K),
+            ("window_size", 1, signals.max_window),
         ):
-            if not low <= value <= high:
-                raise EntropyRequestError(f"{PREFIX}.params.{field}: {value} is outside [{low}, {high}] on this server")
+            if not low <= settings[field] <= high:
+                raise EntropyRequestError(
+                    f"{PREFIX}.params.{field}: {settings[field]} is outside [{low}, {high}] on this server"
+                )
+        policy, params = composed[0] if composed else (None, None)
         return ResolvedRequest(
-            policy=request.policy,
+            policy=policy,
             params=params,
             return_signals=tuple(dict.fromkeys(request.return_signals)),
-            confidence_k=confidence_k,
-            entropy_k=entropy_k,
-            window=window,
+            confidence_k=settings["top_k"],
+            entropy_k=settings["entropy_top_k"],
+            window=settings["window_size"],
             dllm_trace=request.dllm_trace,
             dllm_params=dllm_params,
+            composed=tuple(composed),
         )
 
     def _check_sequences(self, spec, params, n: int, prefix: str) -> None:

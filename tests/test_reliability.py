@@ -280,7 +280,12 @@ def test_budget_pools_in_use_are_never_forgotten():
         book.forget(f"r{i}")
     book.remember(None, eager_request("r4"), eager_params(budget_group="g4", budget=3))
     assert list(book.pools) == ["g3", "g4"]  # idle pools beyond the limit, oldest first
-    assert book.report() == {"branching_requests": 1, "tracked_sequences": 1, "budget_pools_in_use": 1}
+    assert book.report() == {
+        "branching_requests": 1,
+        "tracked_sequences": 1,
+        "inherited_states": 0,
+        "budget_pools_in_use": 1,
+    }
 
 
 def test_a_request_aborted_while_queued_leaves_no_bookkeeping(monkeypatch):
@@ -292,7 +297,12 @@ def test_a_request_aborted_while_queued_leaves_no_bookkeeping(monkeypatch):
     hooks.admit_request(None, eager_request("queued", budget_group="g", budget=2))
     assert state.branches.report()["tracked_sequences"] == 1 and state.report()["tracked_requests"] == 1
     hooks.forget_unqueued(None, None, SimpleNamespace(rid="queued"))
-    assert state.branches.report() == {"branching_requests": 0, "tracked_sequences": 0, "budget_pools_in_use": 0}
+    assert state.branches.report() == {
+        "branching_requests": 0,
+        "tracked_sequences": 0,
+        "inherited_states": 0,
+        "budget_pools_in_use": 0,
+    }
     assert state.report()["tracked_requests"] == 0
     state.forget("queued")  # SGLang may also free it later: nothing is counted twice
     assert state.branches.report()["branching_requests"] == 0
@@ -316,7 +326,11 @@ def test_a_failing_fork_ends_its_own_request_and_reports_the_children_it_made():
     recv = eager_request("root")
     recv.sampling_params.max_new_tokens = 16
     book.remember(scheduler, recv, params)
-    runtime = SimpleNamespace(records={"root": SimpleNamespace(resolved=SimpleNamespace(params=params))}, children={})
+    runtime = SimpleNamespace(
+        records={"root": SimpleNamespace(resolved=SimpleNamespace(params=params))},
+        children={},
+        fork_state=lambda *a: None,
+    )
     req = SimpleNamespace(rid="root", origin_input_ids=[1, 2], output_ids=[3], to_finish=None, finished=lambda: False)
     req.refresh_fill_ids = lambda: None
     host = SimpleNamespace(rows=lambda: [{"branch_width": 2.0, "valid": 1.0, "token_index": 1.0}])
@@ -326,4 +340,9 @@ def test_a_failing_fork_ends_its_own_request_and_reports_the_children_it_made():
     assert book.pools["g"] == 8 - 1 - 1
     for rid in ("root", "root-b1"):
         book.forget(rid)
-    assert book.report() == {"branching_requests": 0, "tracked_sequences": 0, "budget_pools_in_use": 0}
+    assert book.report() == {
+        "branching_requests": 0,
+        "tracked_sequences": 0,
+        "inherited_states": 0,
+        "budget_pools_in_use": 0,
+    }

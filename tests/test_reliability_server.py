@@ -38,7 +38,7 @@ def assert_healthy_and_idle(server):
     assert response.status_code == 200 and len(response.json()["meta_info"]["entropy"]["signals"]["entropy"]) == 4
     state = entropy_state(server)
     assert state["active_requests"] == 0 and state["active_slots"] == 0, state
-    assert state["branching_requests"] == 0 and state["tracked_sequences"] == 0, state
+    assert state["branching_requests"] == state["tracked_sequences"] == state["inherited_states"] == 0, state
     assert state["tracked_requests"] == 0 and state["budget_pools_in_use"] == 0, state
 
 

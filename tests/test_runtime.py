@@ -158,7 +158,7 @@ def test_release_frees_the_slot_and_reports_why(runtime, plugin):
     assert runtime.active[4] and runtime.signal_users["varentropy"] == 1
     req.finished_reason = FINISH_ABORT("client went away")
     runtime.end(req)
-    assert not runtime.active[4] and runtime.policy_index[4] == -1
+    assert not runtime.active[4] and not runtime.member[4].any()
     assert runtime.num_active == 0 and runtime.signal_users["varentropy"] == 0
     assert plugin.ended == [("cap", "r", "aborted")]
 
@@ -208,7 +208,7 @@ def test_a_failure_while_starting_a_request_ends_it_and_frees_its_slot(runtime, 
     req = FakeReq("overflow", 3, {"policy": "cap", "params": {"limit": 2.0}})
     start(runtime, req)
     assert isinstance(req.to_finish, FINISH_ABORT) and "OverflowError" in req.to_finish.message
-    assert not runtime.active[3] and runtime.policy_index[3] == -1 and runtime.num_active == 0
+    assert not runtime.active[3] and not runtime.member[3].any() and runtime.num_active == 0
     other = FakeReq("other", 4, {"return_signals": ["entropy"]})
     start(runtime, other)  # the runtime goes on serving
     run_step(runtime, [other], one_hot_logits([False]))

@@ -68,6 +68,9 @@ class Metrics:
             "saved_tokens_total", "Tokens not generated because a policy stopped (max_new_tokens left)", "policy"
         )
         self._forks = counter("forks_total", "Sequences forked by branching policies, applied or refused", "outcome")
+        self._returned = counter(
+            "budget_returned_total", "Sequences pruned by a policy that gave their share back to a budget group"
+        )
         self._sequences = histogram(
             "sequences_per_request", "Sequences of a branching request", (1, 2, 4, 8, 16, 32, 64, 128, 256)
         )
@@ -103,6 +106,9 @@ class Metrics:
             self._with(self._forks, outcome="applied").inc(applied)
         if refused:
             self._with(self._forks, outcome="refused").inc(refused)
+
+    def budget_returned(self) -> None:
+        self._with(self._returned).inc()
 
     def sequences(self, count: int) -> None:
         self._with(self._sequences).observe(count)

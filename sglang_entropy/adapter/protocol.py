@@ -13,23 +13,29 @@ EVENTS_KEY = "entropy.events"  # one entry per output token: None or a list of e
 
 
 class EntropyStop:
-    """Finish reason of a request that a policy stopped.
+    """Finish reason of a request that its policies stopped (``stopped``: policy -> reason).
 
     It reports ``type: "stop"`` so OpenAI clients see a normal stop, and ``entropy_policy`` so
-    a client can tell it apart from EOS and stop strings (``matched`` is null).
+    a client can tell it apart from EOS and stop strings (``matched`` is null). When several
+    policies of a composed request stopped it at once, ``entropy_policy`` and ``reason`` are
+    the first's and ``stopped_by`` names them all.
     """
 
-    def __init__(self, policy: str, reason: str, token_index: int):
-        self.policy, self.reason, self.token_index = policy, reason, token_index
+    def __init__(self, stopped: dict[str, str], token_index: int):
+        self.stopped, self.token_index = stopped, token_index
+        self.policy, self.reason = next(iter(stopped.items()))
 
     def to_json(self):
-        return {
+        out = {
             "type": "stop",
             "matched": None,
             "entropy_policy": self.policy,
             "reason": self.reason,
             "token_index": self.token_index,
         }
+        if len(self.stopped) > 1:
+            out["stopped_by"] = dict(self.stopped)
+        return out
 
 
 def policy_failure(policy: str, error: Exception):

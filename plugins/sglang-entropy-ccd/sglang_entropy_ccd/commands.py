@@ -45,7 +45,7 @@ def register_commands(commands):
     )
     commands.add_model(
         "--diffusion-long",
-        "train the block-diffusion model for 24-digit addition (answers of 4 blocks) instead (CPU)",
+        "train the block-diffusion model for arithmetic progressions (answers of 5 to 6 blocks) instead (CPU)",
         _build_long,
     )
     build.add_argument("--steps", type=int, help="--diffusion, --diffusion-long: training steps (default 4000, 3000)")
@@ -69,13 +69,13 @@ def register_commands(commands):
     p = commands.add_bench(
         "ccd-pareto",
         help="diffusion LM: accuracy against forwards per token for one token per step, LowConfidence, "
-        "JointThreshold, CCD and CCD + early exit (the long-addition model)",
+        "JointThreshold, CCD and CCD + early exit (the progression model)",
     )
     p.add_argument("--model-path", help="diffusion model (default: build-model --diffusion-long's)")
     p.add_argument("--questions", type=int, default=100)
     p.add_argument("--seed", type=int, default=7, help="which held-out problems")
     p.add_argument("--block-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.99, 0.9, 0.7, 0.5], help="LowConfidence's")
     p.add_argument("--joint-thresholds", type=float, nargs="+", default=[0.9, 0.5], help="JointThreshold's")
     p.add_argument("--budgets", type=int, nargs="+", default=[1, 2], help="CCD's")

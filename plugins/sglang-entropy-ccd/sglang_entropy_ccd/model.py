@@ -1,15 +1,17 @@
-"""A small block-diffusion LM for addition, trained here on CPU, in SGLang's ``SDARForCausalLM`` format.
+"""Small block-diffusion LMs, trained here on CPU, in SGLang's ``SDARForCausalLM`` format.
 
 Nothing small ships a diffusion LM, so this module trains one: a 4-layer, 192-wide Qwen3-style transformer
 (transformers' ``Qwen3Model``) with SDAR's block-causal attention (bidirectional inside a block
 of ``block_size`` tokens, causal across blocks; the same grid SGLang's dLLM path uses), on
-``a+b=`` with ``a``, ``b`` below 1000. The answer's digits are followed by ``<|im_end|>`` up to
-the end of its block. Training is masked diffusion on one block at a time: a random share of the
-answer tokens of one block is replaced by the mask token and the model predicts them from the
-clean context before the block and the unmasked rest of the block.
+``a+b=`` with ``a``, ``b`` below 1000 (``TrainConfig()``), or on arithmetic progressions whose
+answers span five to six blocks (``LONG_CONFIG``, ``progression_problem``). The answer's
+characters are followed by ``<|im_end|>`` up to the end of its block. Training is masked
+diffusion on one block at a time: a random share of the answer tokens of one block is replaced
+by the mask token and the model predicts them from the clean context before the block and the
+unmasked rest of the block.
 
 Tokens are SmolLM2-135M-Instruct's (its tokenizer splits numbers into digits). SGLang fixes
-SDAR's mask id at 151669, so the checkpoint's vocabulary has 151670 rows; only the 14 tokens
+SDAR's mask id at 151669, so the checkpoint's vocabulary has 151670 rows; only the 14 (15) tokens
 the task uses are trained; every other row is zero, which gives those tokens a logit of 0.
 Training computes the softmax over the used rows plus one column holding the zero logits of all
 the others, which is exactly the full-vocabulary softmax SGLang computes.
@@ -32,7 +34,7 @@ SDAR_MASK_ID = 151669  # fixed by SGLang for SDARForCausalLM (sglang/srt/dllm/co
 VOCAB_SIZE = SDAR_MASK_ID + 1
 EOS_ID = 2  # <|im_end|>
 MODEL_DIR_NAME = "sdar-addition"
-LONG_MODEL_DIR_NAME = "sdar-long-addition"
+LONG_MODEL_DIR_NAME = "sdar-progression"
 
 
 @dataclass(frozen=True)
@@ -47,18 +49,22 @@ class TrainConfig:
     learning_rate: float = 2e-3
     seed: int = 0
     threads: int = 2
-    task: str = "addition"  # or "long-addition" (see long_addition_problem)
-    digits: int = 24  # long-addition: digits of each operand
+    task: str = "addition"  # or "progression" (see progression_problem)
+    terms: int = 8  # progression: terms of the answer
 
 
-# Answers of 25 digits and EOS: 4 blocks of 8
-LONG_CONFIG = TrainConfig(task="long-addition", digits=24, steps=3000, batch_size=64, learning_rate=1e-3)
+# Answers of 8 four-digit terms, 7 commas and EOS: 40 tokens, 5 to 6 blocks of 8
+LONG_CONFIG = TrainConfig(task="progression", terms=8, steps=3000, batch_size=128, learning_rate=2e-3)
 
 
-def task_tokens(tokenizer) -> dict[str, int]:
+def task_characters(config: TrainConfig) -> str:
+    return "0123456789+=," if config.task == "progression" else "0123456789+="
+
+
+def task_tokens(tokenizer, characters: str) -> dict[str, int]:
     """The ids of the characters the task uses; each must be one token."""
     ids = {}
-    for ch in "0123456789+=":
+    for ch in characters:
         encoded = tokenizer(ch, add_special_tokens=False)["input_ids"]
         assert len(encoded) == 1, (ch, encoded)
         ids[ch] = encoded[0]
@@ -71,29 +77,26 @@ def addition_problem(rng: random.Random, max_operand: int) -> tuple[str, str]:
     return f"{a}+{b}=", str(a + b)
 
 
-def long_addition_problem(rng: random.Random, digits: int) -> tuple[str, str]:
-    """Two ``digits``-digit numbers (leading zeros kept) and their sum, each written least
-    significant digit first, the sum ``digits + 1`` long. Answer digit i is a_i + b_i plus the
-    carry out of digit i - 1, so most digits follow from the two aligned operand digits and the
-    digit before; a run of 9s carries from far back. Easy and hard positions share each block."""
-    a, b = rng.randrange(10**digits), rng.randrange(10**digits)
-
-    def written(n: int, width: int) -> str:
-        return str(n).zfill(width)[::-1]
-
-    return f"{written(a, digits)}+{written(b, digits)}=", written(a + b, digits + 1)
+def progression_problem(rng: random.Random, terms: int) -> tuple[str, str]:
+    """``a+d=`` with a four-digit start ``a`` and a step ``d`` of 1 to 9; the answer is the next
+    ``terms`` terms, four digits each (mod 10000), comma-separated. Commas and the leading digits
+    mostly repeat the term before (easy); the last digit adds ``d``, and a digit to its left
+    changes only when a carry reaches it, which depends on digits still masked in the same block
+    (hard). Easy and hard positions share every block."""
+    a, d = rng.randrange(10_000), rng.randrange(1, 10)
+    return f"{a:04d}+{d}=", ",".join(f"{(a + k * d) % 10_000:04d}" for k in range(1, terms + 1))
 
 
 def make_problem(rng: random.Random, config: TrainConfig) -> tuple[str, str]:
-    if config.task == "long-addition":
-        return long_addition_problem(rng, config.digits)
+    if config.task == "progression":
+        return progression_problem(rng, config.terms)
     return addition_problem(rng, config.max_operand)
 
 
 def max_length(config: TrainConfig) -> int:
     """Tokens of the longest example: prompt, answer and EOS up to the end of its block."""
-    if config.task == "long-addition":
-        prompt, answer = 2 * config.digits + 2, config.digits + 1
+    if config.task == "progression":
+        prompt, answer = 7, 5 * config.terms - 1
     else:
         digits = len(str(config.max_operand))
         prompt, answer = 2 * digits + 2, digits + 1
@@ -118,7 +121,7 @@ class Trainer:
         from transformers import Qwen3Config, Qwen3Model
 
         self.config = config
-        self.ids = task_tokens(tokenizer)
+        self.ids = task_tokens(tokenizer, task_characters(config))
         # compact vocabulary: the task's characters, EOS and the mask token (14 rows)
         self.used = sorted({*self.ids.values(), EOS_ID, SDAR_MASK_ID})
         self.compact = {tok: i for i, tok in enumerate(self.used)}
@@ -253,8 +256,8 @@ class Trainer:
         config_path.write_text(json.dumps(saved, indent=2) + "\n")
         tokenizer.save_pretrained(out_dir)
         what = (
-            f"block-diffusion LM for {self.config.digits}-digit a+b, least significant digit first"
-            if self.config.task == "long-addition"
+            f"block-diffusion LM for the next {self.config.terms} terms of a+d, a+2d, ... (mod 10000)"
+            if self.config.task == "progression"
             else "block-diffusion LM for a+b (a, b < 1000)"
         )
         card = {
@@ -292,12 +295,12 @@ def build_model(out_dir: Path, config: TrainConfig = TrainConfig(), tokenizer_pa
 def default_model_dir(config: TrainConfig = TrainConfig()) -> Path:
     from sglang_entropy.tools.model import cache_dir
 
-    return cache_dir() / (LONG_MODEL_DIR_NAME if config.task == "long-addition" else MODEL_DIR_NAME)
+    return cache_dir() / (LONG_MODEL_DIR_NAME if config.task == "progression" else MODEL_DIR_NAME)
 
 
 def ensure_model(config: TrainConfig = TrainConfig(), force: bool = False, progress=print) -> Path:
     """A diffusion model's folder, trained first if it is not there yet (the addition model:
-    about 14 min on 2 cores; the long-addition model: ``LONG_CONFIG``)."""
+    about 14 min on 2 cores; the progression model: ``LONG_CONFIG``)."""
     out = default_model_dir(config)
     if force or not (out / "config.json").exists():
         build_model(out, config, progress=progress)

@@ -82,12 +82,12 @@ def run_pareto(args) -> int:
     from rich.progress import Progress
 
     from sglang_entropy.tools.server import launch
-    from sglang_entropy_ccd.model import LONG_CONFIG, ensure_model, long_addition_problem
+    from sglang_entropy_ccd.model import LONG_CONFIG, ensure_model, progression_problem
 
     plan = arms(args)
     model_path = args.model_path or ensure_model(LONG_CONFIG)
     rng = random.Random(args.seed)
-    problems = [long_addition_problem(rng, LONG_CONFIG.digits) for _ in range(args.questions)]
+    problems = [progression_problem(rng, LONG_CONFIG.terms) for _ in range(args.questions)]
     servers: dict[str, list[Arm]] = {}
     for arm in plan:
         servers.setdefault(arm.server, []).append(arm)

@@ -235,21 +235,31 @@ def test_rows_decide_by_their_own_parameters():
     assert decision.trace["budget"].tolist() == [1, 3]
 
 
-def test_long_addition_answers_span_four_blocks_and_carry_from_the_left():
+def test_progression_answers_span_five_blocks_and_follow_the_step():
     import random
 
-    from sglang_entropy_ccd.model import LONG_CONFIG, encode_example, long_addition_problem, max_length, task_tokens
+    from sglang_entropy_ccd.model import (
+        LONG_CONFIG,
+        encode_example,
+        max_length,
+        progression_problem,
+        task_characters,
+        task_tokens,
+    )
     from transformers import AutoTokenizer
 
     from sglang_entropy.tools.model import default_model_path
 
     rng = random.Random(3)
     for _ in range(50):
-        prompt, answer = long_addition_problem(rng, 24)
-        a, b = prompt[:-1].split("+")
-        assert len(a) == len(b) == 24 and len(answer) == 25
-        assert int(a[::-1]) + int(b[::-1]) == int(answer[::-1])  # least significant digit first
+        prompt, answer = progression_problem(rng, LONG_CONFIG.terms)
+        start, step = (int(x) for x in prompt[:-1].split("+"))
+        terms = [int(t) for t in answer.split(",")]
+        assert len(terms) == LONG_CONFIG.terms and 1 <= step <= 9 and len(answer) == 5 * LONG_CONFIG.terms - 1
+        assert terms == [(start + k * step) % 10_000 for k in range(1, LONG_CONFIG.terms + 1)]
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    tokens, prompt_len = encode_example(prompt, answer, task_tokens(tokenizer), LONG_CONFIG.block_size)
-    answer_blocks = (len(tokens) - prompt_len // LONG_CONFIG.block_size * LONG_CONFIG.block_size) // 8
-    assert answer_blocks >= 4 and len(tokens) <= max_length(LONG_CONFIG)
+    ids = task_tokens(tokenizer, task_characters(LONG_CONFIG))
+    assert tokenizer(prompt + answer, add_special_tokens=False)["input_ids"] == [ids[c] for c in prompt + answer]
+    tokens, prompt_len = encode_example(prompt, answer, ids, LONG_CONFIG.block_size)
+    answer_blocks = len(tokens) // LONG_CONFIG.block_size - prompt_len // LONG_CONFIG.block_size
+    assert answer_blocks >= 5 and len(tokens) <= max_length(LONG_CONFIG)

@@ -34,7 +34,7 @@ def generate_with_branches(original, tokenizer_manager, obj, request, options, m
         async def sequence(outputs, parent, branch_index):
             """One sequence's outputs, each with its place in the tree; a child starts after the
             output that announces it."""
-            shaper = SequenceOutputs(options.policy, mode)
+            shaper = SequenceOutputs(options.label, mode)
             async with contextlib.aclosing(outputs) as items:
                 async for output in items:
                     entropy = shaper.shape(output)

@@ -263,7 +263,7 @@ async def _trace(original, tokenizer_manager, obj, request, options, group: Grou
         return
     sub, trace_params = _trace_request(obj, rid, options, group)
     about = {"id": group.view.group_id, "role": role, "threshold": trace_params.get("threshold")}
-    sequence = SequenceOutputs(options.policy, mode)
+    sequence = SequenceOutputs(options.label, mode)
     group.running.add(rid)
     aborted = True
     last = None
@@ -301,13 +301,14 @@ def _trace_request(obj, rid: str, options: ResolvedRequest, group: Group):
         **group.view.overrides,
         "group_id": group.view.group_id,
     }
-    spec = installed_policies().get(options.policy).spec
-    returned = [s for s in spec.signals if s != "group_confidence"]
-    entropy = {
-        "policy": options.policy,
-        "params": trace_params,
-        "return_signals": list(dict.fromkeys([*options.return_signals, *returned])),
-    }
+    specs = [installed_policies().get(name).spec for name in options.policies]
+    returned = [s for spec in specs for s in spec.signals if s != "group_confidence"]
+    entropy = {"return_signals": list(dict.fromkeys([*options.return_signals, *returned]))}
+    if len(options.composed) > 1:  # the group policy (the primary) with the group's parameters, the others as asked
+        others = [{"policy": name, "params": p.model_dump(exclude_none=True)} for name, p in options.composed[1:]]
+        entropy["policies"] = [{"policy": options.policy, "params": trace_params}, *others]
+    else:
+        entropy.update(policy=options.policy, params=trace_params)
     sub = copy.copy(obj)
     sub.rid = rid
     custom = dict(obj.sampling_params.get("custom_params") or {})
@@ -363,7 +364,7 @@ def _not_started(rid: str, group: Group, options: ResolvedRequest) -> dict:
             "completion_tokens": 0,
             "cached_tokens": 0,
             "entropy": {
-                "policy": options.policy,
+                "policy": options.label,
                 "signals": {name: [] for name in options.return_signals},
                 "events": [],
                 "group": {"id": group.view.group_id, "role": None, "threshold": None},

@@ -22,6 +22,8 @@ from sglang_entropy.types import GroupParams
 def _policy_label(options: ResolvedRequest | None, tokenizer_manager, routed: bool) -> str | None:
     """The policy a prompt's ``meta_info["entropy"]`` names: its own; on a diffusion server the
     launched algorithm's; on a drafter server its routing policy or the default one."""
+    if options is not None and len(options.composed) > 1:
+        return options.label
     policy = options.policy if options else None
     algorithm = tokenizer_manager.server_args.dllm_algorithm
     if policy is None and algorithm is not None:
@@ -162,8 +164,8 @@ def generate_request(original, tokenizer_manager, obj, request=None):
         resolved = resolve_all(getattr(obj, "sampling_params", None))
         check_form(obj, resolved, tokenizer_manager.server_args)
         for options in resolved:
-            if options is not None and options.policy is not None:
-                FRONTEND.metrics.request(options.policy)
+            for policy in options.policies if options is not None else ():
+                FRONTEND.metrics.request(policy)
         if branches.is_branching_request(resolved):
             scope = groups.client_scope(request, FRONTEND.settings.config.groups, "budget_group", resolved[0].params)
             ranks = getattr(tokenizer_manager, "elastic_worker_count", 1) or 1  # data-parallel ranks

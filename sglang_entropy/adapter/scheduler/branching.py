@@ -5,7 +5,10 @@ When a policy's decision gives a row ``branch_width`` > 0 (and the request's fam
 fewer than ``max_sequences`` sequences), the parent's KV up to the branch token is
 checkpointed into the radix tree and a child request ``<root rid>-b<k>`` is queued whose input
 is the parent's prompt plus its output before the branch token; its prefill matches the
-parent's prefix in the tree.
+parent's prefix in the tree. The child inherits the parent's per-slot state as it was at the
+fork (``EntropyRuntime.fork_state``): its group-confidence window continues over the shared
+prefix, so a composed pruning policy judges the child by its whole trace. A sequence that a
+policy stops early (pruned) gives its sequence back to its budget group's pool.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class BranchBook:
         self.pools: OrderedDict[str, int] = OrderedDict()  # budget group -> sequences left, least recent first
         self.pool_users: Counter[str] = Counter()  # budget group -> requests with sequences still running
         self.pool_of: dict[str, str] = {}  # root rid -> its budget group
+        self.inherited: dict = {}  # child rid -> Inheritance, until the child ends
 
     def remember(self, scheduler, recv_req, params) -> None:
         """A request with a policy reached the scheduler (``params``: its validated parameters)."""
@@ -59,10 +63,16 @@ class BranchBook:
         for name in idle[: max(0, len(self.pools) - self.max_idle_pools)]:
             del self.pools[name], self.pool_users[name]
 
-    def forget(self, rid: str) -> None:
-        """A sequence ended; its request's counters go once every sequence has (idempotent)."""
+    def forget(self, rid: str, pruned: bool = False) -> None:
+        """A sequence ended (``pruned``: a policy stopped it early); its request's counters go
+        once every sequence has (idempotent). A pruned sequence returns its share of the budget."""
         self.tokenized.pop(rid, None)
+        self.inherited.pop(rid, None)
         root = self.root.pop(rid, None)
+        group = self.pool_of.get(root)
+        if pruned and group in self.pools:
+            self.pools[group] += 1
+            self.metrics.budget_returned()
         if root in self.live:
             self.live[root] -= 1
             if self.live[root] == 0:
@@ -76,6 +86,7 @@ class BranchBook:
         return {
             "branching_requests": len(self.size),
             "tracked_sequences": len(self.root),
+            "inherited_states": len(self.inherited),
             "budget_pools_in_use": sum(1 for users in self.pool_users.values() if users),
         }
 
@@ -113,8 +124,9 @@ class BranchBook:
         self.scheduler.tree_cache.checkpoint(req, up_to=shared)
         children = []
         try:
+            inheritance = runtime.fork_state(record, index)
             for _ in range(width):
-                children.append(self._queue_child(req, root, index))
+                children.append(self._queue_child(req, root, index, inheritance))
         finally:  # the children queued so far are the request's, whatever happened to the others
             if params.budget_group is not None:
                 self.pools[params.budget_group] -= len(children)
@@ -122,7 +134,7 @@ class BranchBook:
             self.metrics.forks(applied=len(children), refused=int(row["branch_width"]) - len(children))
         logger.debug("fork %s at token %d into %s (%d shared tokens)", req.rid, index, children, shared)
 
-    def _queue_child(self, req, root: str, index: int) -> str:
+    def _queue_child(self, req, root: str, index: int, inheritance) -> str:
         recv = self.tokenized[req.rid]
         child = copy.copy(recv)
         child.rid = f"{root}-b{self.size[root]}"
@@ -132,6 +144,7 @@ class BranchBook:
         child.sampling_params = copy.copy(recv.sampling_params)
         child.sampling_params.max_new_tokens = recv.sampling_params.max_new_tokens - index
         self.root[child.rid] = root  # before SGLang sees it: it may end the child at once
+        self.inherited[child.rid] = inheritance
         self.live[root] += 1
         try:
             self.scheduler.handle_generate_request(child)

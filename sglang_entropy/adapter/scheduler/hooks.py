@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from sglang.srt.plugins.hook_registry import HookType
 
-from sglang_entropy.adapter.protocol import invalid_request
+from sglang_entropy.adapter.protocol import EntropyStop, invalid_request
 from sglang_entropy.adapter.scheduler import runtime
 from sglang_entropy.adapter.scheduler.state import STATE
 from sglang_entropy.registry import installed_policies
@@ -51,7 +51,7 @@ def start_requests(result, pool, reqs, *args, **kwargs):
             req.to_finish = invalid_request(e)
             continue
         if STATE.runtime is not None:
-            STATE.runtime.start(req, options)
+            STATE.runtime.start(req, options, STATE.branches.inherited.get(req.rid))
 
 
 def end_request(pool, req, *args, **kwargs):
@@ -59,7 +59,7 @@ def end_request(pool, req, *args, **kwargs):
     if STATE.runtime is not None:
         STATE.runtime.end(req)
     if req.finished():
-        STATE.forget(req.rid)
+        STATE.forget(req.rid, pruned=isinstance(req.finished_reason, EntropyStop))
 
 
 def forget_unqueued(scheduler, abort_req, req, *args, **kwargs):

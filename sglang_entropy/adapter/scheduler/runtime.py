@@ -40,20 +40,36 @@ from sglang_entropy.types import DecodeStep, GroupParams, RequestInfo
 
 logger = logging.getLogger(__name__)
 
-FIXED_COLUMNS = ("valid", "token_index", *SIGNAL_NAMES, "stop", "stop_reason", "branch_width")
+FIXED_COLUMNS = ("valid", "token_index", *SIGNAL_NAMES, "stop", "stoppers", "branch_width", "brancher")
 SCRATCH_SLOT = 0  # SGLang's request pool keeps row 0 as padding; rows that must not write go here
 
 
 @dataclass
 class RequestRecord:
-    """Host-side state of one running request that asked for signals or a policy."""
+    """Host-side state of one running request that asked for signals or policies."""
 
     rid: str
     slot: int
     resolved: ResolvedRequest
-    policy_index: int  # -1 without a policy
-    info: RequestInfo | None
-    signals: frozenset[str]  # signals this request or its policy reads
+    policy_indices: tuple[int, ...]  # its policies' indices in ``EntropyRuntime.policies``, primary first
+    infos: tuple[RequestInfo, ...]  # what each policy's lifecycle methods see, in the same order
+    signals: frozenset[str]  # signals this request or its policies read
+
+    @property
+    def info(self) -> RequestInfo | None:
+        """The primary policy's view of the request (None without a policy)."""
+        return self.infos[0] if self.infos else None
+
+
+@dataclass(frozen=True)
+class Inheritance:
+    """What a sequence forked by a branching policy takes over from its parent, copied on the
+    device at the fork (the parent's rows as they were after the step that forked it)."""
+
+    offset: torch.Tensor  # [] int64: the parent's window index of the child's first token
+    first_window_index: torch.Tensor  # [] int64: the parent's first window index in its slot
+    window: torch.Tensor  # [max_window] float32: the parent's group-confidence ring buffer
+    state: dict[int, dict[str, torch.Tensor]]  # policy index -> the parent's row of each state buffer
 
 
 def _param_dtype(annotation) -> torch.dtype | None:
@@ -84,11 +100,14 @@ class EntropyRuntime:
         zeros = lambda dtype: torch.zeros(num_slots, dtype=dtype, device=device)  # noqa: E731
         self.active = zeros(torch.bool)
         self.prompt_len = zeros(torch.int64)
-        self.first_index = zeros(torch.int64)  # first output index this slot sees (> 0 after a retraction)
+        # A slot's window index of output token i is offset + i: a forked child continues its
+        # parent's window (offset = the parent's index of the child's first token), others use 0.
+        self.offset = zeros(torch.int64)
+        self.first_window_index = zeros(torch.int64)  # first window index this slot writes (> 0 after a retraction)
         self.confidence_k = zeros(torch.int64).fill_(signals.confidence_top_k)
         self.entropy_k = zeros(torch.int64).fill_(signals.entropy_top_k)
         self.window = zeros(torch.int64).fill_(signals.window_size)
-        self.policy_index = zeros(torch.int64).fill_(-1)
+        self.member = torch.zeros(num_slots, max(1, len(self.policies)), dtype=torch.bool, device=device)  # [S, P]
         self.windows = GroupConfidenceWindows(num_slots, signals.max_window, device)
         self.workspace = Workspace()
         self.tp_group = tensor_parallel_group()  # all-reduces each step's results across TP ranks
@@ -129,67 +148,103 @@ class EntropyRuntime:
 
     # --- lifecycle (host, once per request) ----------------------------------------------
 
-    def start(self, req, resolved: ResolvedRequest | None) -> None:
+    def start(self, req, resolved: ResolvedRequest | None, inherit: Inheritance | None = None) -> None:
         """``req`` was given a slot; write its options (``resolved``) into the slot before its
-        first step. A request this cannot serve as asked ends with an abort naming why (never
-        served without its policy, never a scheduler crash)."""
+        first step (and, for a forked sequence, its parent's state: ``inherit``). A request
+        this cannot serve as asked ends with an abort naming why (never served without its
+        policies, never a scheduler crash)."""
         if req.rid in self.records:  # chunked prefill keeps its slot across chunks
             return
-        if resolved is None or (resolved.policy is not None and resolved.policy not in self.policies):
+        if resolved is None or any(p not in self.policies for p in resolved.policies):
             return  # nothing asked, or a policy of another path (speculative routing: scheduler.speculative)
         try:
-            self._start(req, resolved)
+            self._start(req, resolved, inherit)
         except Exception as e:
             logger.exception("request %s: the adapter could not start it", req.rid)
             self.end(req)
             self.active[req.kv.req_pool_idx] = False
-            self.policy_index[req.kv.req_pool_idx] = -1
+            self.member[req.kv.req_pool_idx] = False
             req.to_finish = policy_failure(resolved.policy or "signals", e)
             self.metrics.failure(resolved.policy or "signals")
 
-    def _start(self, req, resolved: ResolvedRequest) -> None:
+    def _start(self, req, resolved: ResolvedRequest, inherit: Inheritance | None) -> None:
         slot = req.kv.req_pool_idx
         self.active[slot] = True
         self.prompt_len[slot] = len(req.origin_input_ids)
-        self.first_index[slot] = len(req.output_ids)
+        self.offset[slot] = 0
+        self.first_window_index[slot] = len(req.output_ids)
         self.confidence_k[slot] = resolved.confidence_k
         self.entropy_k[slot] = resolved.entropy_k
         self.window[slot] = resolved.window
-        policy_index, info = -1, None
+        self.member[slot] = False
+        indices = tuple(self.policies.index(name) for name in resolved.policies)
         signals = set(resolved.return_signals)
-        if resolved.policy is not None:
-            signals.update(self.registry.get(resolved.policy).spec.signals)
-            policy_index = self.policies.index(resolved.policy)
-            for field_name, buffer in self.params[policy_index].items():
-                value = getattr(resolved.params, field_name)
+        for (name, params), index in zip(resolved.composed, indices, strict=True):
+            signals.update(self.registry.get(name).spec.signals)
+            self.member[slot, index] = True
+            for field_name, buffer in self.params[index].items():
+                value = getattr(params, field_name)
                 buffer[slot] = math.nan if value is None else value
-        self.policy_index[slot] = policy_index
-        record = RequestRecord(req.rid, slot, resolved, policy_index, None, frozenset(signals))
-        self.records[req.rid] = record  # from here on ``end`` releases the slot
-        self.signal_users.update(record.signals)
-        if resolved.policy is not None:
-            record.info = info = RequestInfo(
+        infos = tuple(
+            RequestInfo(
                 rid=req.rid,
                 slot=slot,
-                policy=resolved.policy,
-                params=resolved.params,
-                group_id=resolved.params.group_id if isinstance(resolved.params, GroupParams) else None,
+                policy=name,
+                params=params,
+                group_id=params.group_id if isinstance(params, GroupParams) else None,
                 prompt_tokens=len(req.origin_input_ids),
             )
-            self.active_per_policy[policy_index] += 1
+            for name, params in resolved.composed
+        )
+        record = RequestRecord(req.rid, slot, resolved, indices, infos, frozenset(signals))
+        self.records[req.rid] = record  # from here on ``end`` releases the slot
+        self.signal_users.update(record.signals)
+        for index, info in zip(indices, infos, strict=True):
+            self.active_per_policy[index] += 1
             try:
-                start = getattr(self.registry.policy(resolved.policy), "request_start", None)
+                start = getattr(self.registry.policy(info.policy), "request_start", None)
                 if start:
-                    start(info, self.state[policy_index])
+                    start(info, self.state[index])
             except Exception as e:
-                logger.exception("policy %s failed to start request %s", resolved.policy, req.rid)
-                req.to_finish = policy_failure(resolved.policy, e)
-                self.metrics.failure(resolved.policy)
+                logger.exception("policy %s failed to start request %s", info.policy, req.rid)
+                req.to_finish = policy_failure(info.policy, e)
+                self.metrics.failure(info.policy)
+        if inherit is not None:
+            self._inherit(slot, inherit, len(req.output_ids), indices)
         req.customized_info = req.customized_info or {}
         for name in resolved.return_signals:
             req.customized_info.setdefault(SIGNAL_KEY + name, [])
-        if resolved.policy is not None:
+        if infos:
             req.customized_info.setdefault(EVENTS_KEY, [])
+
+    def _inherit(self, slot: int, inherit: Inheritance, tokens_so_far: int, indices) -> None:
+        """A forked sequence continues its parent: its window indices follow the parent's, its
+        first start takes over the parent's window and state rows (after ``request_start``).
+        Re-admitted after a retraction, it keeps the offset and counts its window again from
+        there, like any retracted request."""
+        self.offset[slot] = inherit.offset
+        if tokens_so_far > 0:
+            self.first_window_index[slot] = inherit.offset + tokens_so_far
+            return
+        self.first_window_index[slot] = inherit.first_window_index
+        self.windows.values[slot] = inherit.window
+        for index in indices:
+            for name, row in inherit.state.get(index, {}).items():
+                self.state[index][name][slot] = row
+
+    def fork_state(self, record: RequestRecord, token_index: int) -> Inheritance:
+        """What a child forked from ``record``'s request at output ``token_index`` inherits:
+        device copies of the parent's rows, made now (host thread, no sync)."""
+        slot = record.slot
+        return Inheritance(
+            offset=self.offset[slot] + token_index,
+            first_window_index=self.first_window_index[slot].clone(),
+            window=self.windows.values[slot].clone(),
+            state={
+                index: {name: buffer[slot].clone() for name, buffer in self.state[index].items()}
+                for index in record.policy_indices
+            },
+        )
 
     def end(self, req) -> None:
         """``req`` leaves its slot (finished, aborted or retracted)."""
@@ -199,15 +254,15 @@ class EntropyRuntime:
         self.ended[req.rid] = record
         self.signal_users.subtract(record.signals)
         self.active[record.slot] = False
-        self.policy_index[record.slot] = -1
-        if record.info is not None:
-            self.active_per_policy[record.policy_index] -= 1
-            end = getattr(self.registry.policy(record.info.policy), "request_end", None)
+        self.member[record.slot] = False
+        for index, info in zip(record.policy_indices, record.infos, strict=True):
+            self.active_per_policy[index] -= 1
+            end = getattr(self.registry.policy(info.policy), "request_end", None)
             try:
                 if end:
-                    end(record.info, _end_reason(req), self.state[record.policy_index])
+                    end(info, _end_reason(req), self.state[index])
             except Exception:  # the slot is released either way; SGLang must not see this
-                logger.exception("policy %s failed to end request %s", record.info.policy, req.rid)
+                logger.exception("policy %s failed to end request %s", info.policy, req.rid)
 
     # --- the decode step (device only) -----------------------------------------------------
 
@@ -222,16 +277,20 @@ class EntropyRuntime:
         full_vocab = any(self.signal_users[name] > 0 for name in FULL_VOCAB_SIGNALS)
         signals = token_signals(logits, self.confidence_k[slots], self.entropy_k[slots], full_vocab, self.workspace)
         signals["group_confidence"], window_full = self.windows.update(
-            write_slots, token_index, signals["confidence"], self.window[slots], self.first_index[slots]
+            write_slots,
+            token_index + self.offset[slots],
+            signals["confidence"],
+            self.window[slots],
+            self.first_window_index[slots],
         )
 
         decisions = Decisions.none(valid, slots)
-        row_policy = self.policy_index[slots]  # [B]
+        member = self.member[slots]  # [B, P]
         for index, name in enumerate(self.policies):
             if self.active_per_policy[index] == 0:
                 continue
             step = DecodeStep(
-                mask=valid & (row_policy == index),
+                mask=valid & member[:, index],
                 slots=write_slots,
                 token_index=token_index,
                 window_full=window_full,
@@ -241,7 +300,7 @@ class EntropyRuntime:
                 logits=logits,
             )
             try:
-                decisions.add(self.registry.policy(name).decode_step(step), step.mask, logits)
+                decisions.add(index, self.registry.policy(name).decode_step(step), step.mask, logits)
             except Exception as e:  # fail this policy's requests, not the server
                 logger.exception("policy %s raised in decode_step", name)
                 decisions.failures[index] = e
@@ -267,49 +326,62 @@ def tensor_parallel_group():
 
 @dataclass
 class Decisions:
-    """The decisions of every policy for one step, merged row by row ([B] device tensors)."""
+    """The decisions of every policy for one step, merged row by row ([B] device tensors).
+
+    The merge rule of a request with several policies: it stops if any of them stops (each
+    stopping policy is a bit of ``stoppers`` and keeps its own reason and event values), it
+    forks the largest width any of them asks for (``brancher``: whose), logit biases add."""
 
     stop: torch.Tensor  # [B] bool
-    stop_reason: torch.Tensor  # [B] int64
+    stoppers: torch.Tensor  # [B] int64, bit p set: policy p stopped the row
     branch_width: torch.Tensor  # [B] int64
-    event_columns: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B] float, NaN where unset
+    brancher: torch.Tensor  # [B] int64, the policy whose width is branch_width (-1: none)
+    reasons: dict[int, torch.Tensor] = field(default_factory=dict)  # policy index -> [B] int64 stop reason
+    event_columns: dict[str, torch.Tensor] = field(default_factory=dict)  # "p/name" -> [B] float, NaN where unset
     failures: dict[int, Exception] = field(default_factory=dict)  # policy index -> what it raised
 
     @classmethod
     def none(cls, valid: torch.Tensor, slots: torch.Tensor) -> "Decisions":
-        return cls(torch.zeros_like(valid), torch.zeros_like(slots), torch.zeros_like(slots))
+        zeros = torch.zeros_like(slots)
+        return cls(torch.zeros_like(valid), zeros, zeros, torch.full_like(slots, -1))
 
-    def add(self, decision, mask: torch.Tensor, logits: torch.Tensor) -> None:
-        """One policy's decision on its rows (``mask``); a logit bias applies to ``logits`` in place."""
+    def add(self, index: int, decision, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """Policy ``index``'s decision on its rows (``mask``); a logit bias applies to ``logits`` in place."""
         if decision is None:
             return
         if decision.stop is not None:
-            stops_here = decision.stop & mask
+            stops_here = decision.stop & mask  # [B]
             self.stop = self.stop | stops_here
+            self.stoppers = self.stoppers | (stops_here.long() << index)
             if decision.stop_reason is not None:
-                self.stop_reason = torch.where(stops_here, decision.stop_reason.long(), self.stop_reason)
+                self.reasons[index] = torch.where(stops_here, decision.stop_reason.long(), 0)
         if decision.branch_width is not None:
-            self.branch_width = torch.where(mask, decision.branch_width.long(), self.branch_width)
+            width = torch.where(mask, decision.branch_width.long(), 0)  # [B]
+            wider = width > self.branch_width
+            self.branch_width = torch.where(wider, width, self.branch_width)
+            self.brancher = torch.where(wider, index, self.brancher)
         if decision.logit_bias is not None:
             logits.add_(torch.where(mask[:, None], decision.logit_bias, torch.zeros_like(decision.logit_bias)))
         for key, values in decision.event_values.items():
-            previous = self.event_columns.get(key, torch.full_like(values, math.nan, dtype=torch.float32))
-            self.event_columns[key] = torch.where(mask, values.float(), previous)
+            self.event_columns[f"{index}/{key}"] = torch.where(mask, values.float(), math.nan)
 
     def pack(self, valid, token_index, signals):
         """One [B, C] tensor for SGLang to copy to the host with the step's other outputs."""
         not_computed = torch.full_like(signals["confidence"], math.nan)
+        reason_columns = {f"reason/{index}": reason for index, reason in self.reasons.items()}
         columns = [
             valid,
             token_index,
             *(signals.get(n, not_computed) for n in SIGNAL_NAMES),
             self.stop,
-            self.stop_reason,
+            self.stoppers,
             self.branch_width,
+            self.brancher,
+            *reason_columns.values(),
             *self.event_columns.values(),
         ]
         packed = torch.stack([c.float() for c in columns], dim=1)  # [B, C]
-        return packed, tuple(self.event_columns), self.failures
+        return packed, (*reason_columns, *self.event_columns), self.failures
 
 
 @dataclass(frozen=True)
@@ -343,28 +415,31 @@ class HostStepOutput:
         return self._rows
 
     def stops(self, batch) -> None:
-        """Mark the requests whose policy said stop, before SGLang commits their token."""
+        """Mark the requests whose policies said stop, before SGLang commits their token."""
         runtime = self.runtime
         for req, row in zip(batch.reqs, self.rows(), strict=True):
             record = runtime.records.get(req.rid)
-            if record is None or record.info is None or req.finished() or not row["valid"]:
+            if record is None or not record.infos or req.finished() or not row["valid"]:
                 continue
-            if record.policy_index in self.failures:
-                req.to_finish = policy_failure(record.info.policy, self.failures[record.policy_index])
-                runtime.metrics.failure(record.info.policy)
+            failed = [i for i in record.policy_indices if i in self.failures]
+            if failed:
+                policy = runtime.policies[failed[0]]
+                req.to_finish = policy_failure(policy, self.failures[failed[0]])
+                runtime.metrics.failure(policy)
                 continue
             if not row["stop"]:
                 continue
             try:
-                reason = _stop_reason(runtime, record, row)
-            except IndexError as e:  # the policy gave a reason it did not register
+                stopped = {policy: reason for _, policy, reason in _stops(runtime, record, row)}
+            except IndexError as e:  # a policy gave a reason it did not register
                 req.to_finish = policy_failure(record.info.policy, e)
                 runtime.metrics.failure(record.info.policy)
                 continue
-            req.to_finish = EntropyStop(record.info.policy, reason, int(row["token_index"]))
+            req.to_finish = EntropyStop(stopped, int(row["token_index"]))
             max_new_tokens = getattr(req.sampling_params, "max_new_tokens", None) or 0
             tokens_left = max_new_tokens - int(row["token_index"]) - 1
-            runtime.metrics.stop(record.info.policy, reason, tokens_left)
+            for policy, reason in stopped.items():
+                runtime.metrics.stop(policy, reason, tokens_left)
 
     def consume(self, batch, commits: Sequence) -> None:
         """After SGLang committed the step's tokens: their values and events go into each
@@ -385,8 +460,8 @@ class HostStepOutput:
                     req.to_finish = policy_failure(record.resolved.policy or "signals", e)
                     runtime.metrics.failure(record.resolved.policy or "signals")
                 continue
-            if record.info is not None:
-                tokens_per_policy[record.info.policy] += 1
+            for info in record.infos:
+                tokens_per_policy[info.policy] += 1
         for policy, count in tokens_per_policy.items():
             runtime.metrics.tokens(policy, count)
         runtime.ended.clear()
@@ -402,36 +477,43 @@ def _record_token(req, record: RequestRecord, row: dict, index: int, event_names
 
 
 def _events(record: RequestRecord, row: dict, event_names, runtime) -> list[dict]:
+    """The stop event of each policy that stopped the row and the branch event of the one that
+    forked it, each with its own policy's event values."""
     events = []
-    extra = {k: row[k] for k in event_names if not math.isnan(row[k])}
+    index = int(row["token_index"])
     if row["stop"]:
-        events.append(
-            {
-                "kind": "stop",
-                "token_index": int(row["token_index"]),
-                "policy": record.info.policy,
-                "reason": _stop_reason(runtime, record, row),
-                **extra,
-            }
-        )
+        for policy_index, policy, reason in _stops(runtime, record, row):
+            event = {"kind": "stop", "token_index": index, "policy": policy, "reason": reason}
+            events.append({**event, **_values(row, event_names, policy_index)})
     if row["branch_width"] > 0:
-        children = runtime.children.pop((record.rid, int(row["token_index"])), [])
-        events.append(
-            {
-                "kind": "branch",
-                "token_index": int(row["token_index"]),
-                "policy": record.info.policy,
-                "width": int(row["branch_width"]),
-                "applied": bool(children),
-                "children": children,
-                **extra,
-            }
-        )
+        brancher = int(row["brancher"])
+        children = runtime.children.pop((record.rid, index), [])
+        event = {
+            "kind": "branch",
+            "token_index": index,
+            "policy": runtime.policies[brancher],
+            "width": int(row["branch_width"]),
+            "applied": bool(children),
+            "children": children,
+        }
+        events.append({**event, **_values(row, event_names, brancher)})
     return events
 
 
-def _stop_reason(runtime: EntropyRuntime, record: RequestRecord, row: dict) -> str:
-    return runtime.registry.get(record.info.policy).spec.stop_reasons[int(row["stop_reason"])]
+def _values(row: dict, event_names, policy_index: int) -> dict[str, float]:
+    prefix = f"{policy_index}/"
+    return {k[len(prefix) :]: row[k] for k in event_names if k.startswith(prefix) and not math.isnan(row[k])}
+
+
+def _stops(runtime: EntropyRuntime, record: RequestRecord, row: dict) -> list[tuple[int, str, str]]:
+    """(policy index, policy, stop reason) of each of the request's policies that stopped the
+    row, in the request's order (raises IndexError for a reason the policy did not register)."""
+    bits = int(row["stoppers"])
+    stops = []
+    for index in (i for i in record.policy_indices if bits >> i & 1):
+        spec = runtime.registry.get(runtime.policies[index]).spec
+        stops.append((index, spec.name, spec.stop_reasons[int(row.get(f"reason/{index}", 0))]))
+    return stops
 
 
 def _end_reason(req) -> str:

@@ -55,15 +55,16 @@ class SchedulerState(ProcessState):
             raise options
         return options
 
-    def forget(self, rid: str) -> None:
-        """A request ended for good (finished, aborted, rejected): drop all it left here."""
+    def forget(self, rid: str, pruned: bool = False) -> None:
+        """A request ended for good (finished, aborted, rejected; ``pruned``: a policy stopped
+        it early): drop all it left here."""
         self.requests.pop(rid, None)
         self.block_nfe.pop(rid, None)
         self.prompt_nfe.pop(rid, None)
         self.dllm_params.pop(rid, None)
         if self.router is not None:
             self.router.forget(rid)
-        self.branches.forget(rid)
+        self.branches.forget(rid, pruned)
 
     def report(self) -> dict:
         """The adapter's live state for ``/get_server_info``."""
