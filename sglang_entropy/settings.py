@@ -384,6 +384,19 @@ class ServerSettings:
             )
 
 
+def set_primary_params(entry: Any, policy: str, updates: dict[str, Any]) -> dict:
+    """A copy of a request's raw ``custom_params.entropy`` (already validated) with ``updates``
+    in the parameters of its policy ``policy`` (the primary one), in either form."""
+    entry = {"policies": entry} if isinstance(entry, list) else dict(entry)
+    if not entry.get("policies"):
+        entry["params"] = {**entry.get("params", {}), **updates}
+        return entry
+    entry["policies"] = [
+        {**c, "params": {**c.get("params", {}), **updates}} if c["policy"] == policy else c for c in entry["policies"]
+    ]
+    return entry
+
+
 def check_fields(model: type[BaseModel], values: dict, where: str, error: type[ValueError]) -> None:
     """Each of ``values`` alone against its field of ``model`` (raises ``error`` naming the
     field): rules across fields are checked where all the values meet."""

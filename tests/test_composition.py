@@ -231,14 +231,16 @@ def peaked_logits(peak: float, vocab=100):
 
 
 def test_a_forked_child_continues_its_parent_window_and_state(runtime):
-    entropy = {"policy": "counter", "return_signals": ["confidence", "group_confidence"]}
+    policies = [{"policy": "fork", "params": {"width": 1}}, {"policy": "counter"}]
+    entropy = {"policies": policies, "return_signals": ["confidence", "group_confidence"]}
     runtime.settings.config.signals.window_size = 4
     parent = FakeReq("parent", 1, entropy)
     start(runtime, parent)
-    for peak in (1.0, 5.0, 9.0):  # tokens 0, 1, 2 of the parent
+    for peak in (1.0, 5.0, 9.0, 2.0):  # tokens 0 to 3 of the parent, each asking to fork
         run_step(runtime, [parent], peaked_logits(peak))
     confidence = parent.customized_info[protocol.SIGNAL_KEY + "confidence"]
-    # fork at token 2: the child's first token replaces the parent's token 2
+    # the host forks at token 2 after the device already ran token 3 (SGLang's overlap
+    # scheduler): the child's first token replaces the parent's token 2
     inherit = runtime.fork_state(runtime.records["parent"], 2)
     child = FakeReq("child", 2, entropy, prompt_len=5 + 2)
     start(runtime, child, inherit)
@@ -271,3 +273,18 @@ def test_a_pruned_sequence_returns_its_share_of_the_budget():
     assert book.pools["g"] == 3  # a policy stopped it early: its sequence goes back to the pool
     book.forget("b")
     assert book.pools["g"] == 3  # finished normally: it keeps what it used
+
+
+def test_the_frontend_rewrites_the_primary_policys_parameters_in_either_form():
+    from sglang_entropy.settings import set_primary_params
+
+    single = {"policy": "eager", "params": {"budget_group": "mine"}, "return_signals": ["entropy"]}
+    assert set_primary_params(single, "eager", {"budget_group": "scoped"}) == {
+        **single,
+        "params": {"budget_group": "scoped"},
+    }
+    listed = [{"policy": "deepconf", "params": {"threshold": 5}}, {"policy": "eager"}]
+    assert set_primary_params(listed, "eager", {"budget_group": "scoped"}) == {
+        "policies": [listed[0], {"policy": "eager", "params": {"budget_group": "scoped"}}]
+    }
+    assert listed[1] == {"policy": "eager"}  # the request's own value is not changed

@@ -34,7 +34,14 @@ from collections import Counter, OrderedDict
 from sglang_entropy.adapter.frontend.sequences import MergedSequences, SequenceOutputs, stream_mode
 from sglang_entropy.adapter.metrics import NoMetrics
 from sglang_entropy.registry import installed_policies
-from sglang_entropy.settings import REQUEST_KEY, EntropyRequestError, GroupScope, Limits, ResolvedRequest
+from sglang_entropy.settings import (
+    REQUEST_KEY,
+    EntropyRequestError,
+    GroupScope,
+    Limits,
+    ResolvedRequest,
+    set_primary_params,
+)
 from sglang_entropy.types import TraceGroup, TraceSummary
 
 logger = logging.getLogger(__name__)
@@ -134,9 +141,7 @@ class GroupBook:
             obj.routed_dp_rank = rank
         self._admit_name(key in self.budgets, "budget_group")
         custom = dict(obj.sampling_params.get("custom_params") or {})
-        entropy = dict(custom[REQUEST_KEY])
-        entropy["params"] = {**entropy.get("params", {}), "budget_group": key}
-        custom[REQUEST_KEY] = entropy
+        custom[REQUEST_KEY] = set_primary_params(custom[REQUEST_KEY], options.policy, {"budget_group": key})
         obj.sampling_params = {**obj.sampling_params, "custom_params": custom}
         self.budgets[key] += 1
         try:

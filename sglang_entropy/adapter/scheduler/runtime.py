@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 FIXED_COLUMNS = ("valid", "token_index", *SIGNAL_NAMES, "stop", "stoppers", "branch_width", "brancher")
 SCRATCH_SLOT = 0  # SGLang's request pool keeps row 0 as padding; rows that must not write go here
+# Steps whose fork points are kept per slot: SGLang's overlap scheduler runs the next step on the
+# device before the host forks the last one, so a fork reads the state kept at its own step.
+FORK_RING = 4
 
 
 @dataclass
@@ -125,6 +128,15 @@ class EntropyRuntime:
             self.params.append(buffers)
             init_state = getattr(registry.policy(name), "init_state", None)
             self.state.append((init_state(num_slots, device) if init_state else None) or {})
+        # the window and state rows of each slot at its last FORK_RING steps that asked to fork
+        # (index: token index % FORK_RING); only while a branching policy is enabled
+        self.branching = [i for i, name in enumerate(self.policies) if registry.get(name).spec.branches]
+        ring = FORK_RING if self.branching else 0
+        self.fork_windows = torch.zeros(num_slots, ring, signals.max_window, device=device)  # [S, R, W]
+        self.fork_states = [
+            {name: torch.zeros(num_slots, ring, *b.shape[1:], dtype=b.dtype, device=device) for name, b in st.items()}
+            for st in self.state
+        ]  # per policy: name -> [S, R, ...]
         self.records: dict[str, RequestRecord] = {}
         # Requests that left their slot since the last consume: SGLang frees a finished
         # request's slot before it hands us the request's last token.
@@ -234,14 +246,14 @@ class EntropyRuntime:
 
     def fork_state(self, record: RequestRecord, token_index: int) -> Inheritance:
         """What a child forked from ``record``'s request at output ``token_index`` inherits:
-        device copies of the parent's rows, made now (host thread, no sync)."""
-        slot = record.slot
+        device copies of the parent's rows as kept at that step (host thread, no sync)."""
+        slot, ring = record.slot, token_index % FORK_RING
         return Inheritance(
             offset=self.offset[slot] + token_index,
             first_window_index=self.first_window_index[slot].clone(),
-            window=self.windows.values[slot].clone(),
+            window=self.fork_windows[slot, ring].clone(),
             state={
-                index: {name: buffer[slot].clone() for name, buffer in self.state[index].items()}
+                index: {name: kept[slot, ring].clone() for name, kept in self.fork_states[index].items()}
                 for index in record.policy_indices
             },
         )
@@ -304,6 +316,8 @@ class EntropyRuntime:
             except Exception as e:  # fail this policy's requests, not the server
                 logger.exception("policy %s raised in decode_step", name)
                 decisions.failures[index] = e
+        if any(self.active_per_policy[i] for i in self.branching):
+            self._keep_fork_points(write_slots, token_index, decisions.branch_width > 0)
         packed, event_names, failures = decisions.pack(valid, token_index, signals)
         if self.tp_group is not None:
             # every TP rank runs the step on the same all-gathered logits, so their results agree
@@ -312,6 +326,17 @@ class EntropyRuntime:
             # sequence another keeps (which would hang the next collective). On the device.
             torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX, group=self.tp_group)
         return StepOutput(packed, event_names, failures, runtime=self)
+
+    def _keep_fork_points(self, slots: torch.Tensor, token_index: torch.Tensor, forking: torch.Tensor) -> None:
+        """Keep the window and state rows of the rows that ask to fork ([B] each), at ring index
+        token_index % FORK_RING, for ``fork_state`` to copy once the host has forked (device)."""
+        ring = token_index % FORK_RING  # [B]
+        kept = self.fork_windows[slots, ring]  # [B, W]
+        self.fork_windows[slots, ring] = torch.where(forking[:, None], self.windows.values[slots], kept)
+        for state, fork_state in zip(self.state, self.fork_states, strict=True):
+            for name, buffer in state.items():
+                now, kept = buffer[slots], fork_state[name][slots, ring]  # [B, ...]
+                fork_state[name][slots, ring] = torch.where(forking.view(-1, *[1] * (now.dim() - 1)), now, kept)
 
 
 def tensor_parallel_group():
