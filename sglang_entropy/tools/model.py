@@ -48,6 +48,23 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def model_card(model_path: Path) -> dict:
+    """A model by name and the sha256 of its weights (never by a local path), with what its
+    builder recorded about it (``sglang_entropy_model.json``), for benchmark results."""
+    weights = sorted(model_path.glob("*.safetensors")) or sorted(model_path.glob("*.gguf"))
+    digest = hashlib.sha256()
+    for weight in weights:
+        with weight.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    about = model_path / "sglang_entropy_model.json"
+    return {
+        "name": model_path.name,
+        "sha256": digest.hexdigest(),
+        **(json.loads(about.read_text()) if about.exists() else {}),
+    }
+
+
 def _pip_download(dest: Path, *requirements: str) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), *requirements]
     result = subprocess.run(cmd, capture_output=True, text=True)

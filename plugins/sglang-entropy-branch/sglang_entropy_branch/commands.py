@@ -30,7 +30,34 @@ def register_commands(commands):
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", default="examples/results/branch")
     b.set_defaults(func=_run)
+    t = commands.add_bench(
+        "tree",
+        help="full sampling vs DeepConf-low vs EAGer vs EAGer-adapt vs eager + deepconf trees, on one budget",
+    )
+    t.add_argument("--url", help="a running server (with deepconf and eager enabled); default: launch one")
+    t.add_argument("--model-path", help="model to launch (default: the embedded SmolLM2-135M-Instruct)")
+    t.add_argument("--tokenizer", help="with --url: the model's tokenizer (a folder or hub id)")
+    t.add_argument("--task", choices=("mult", "add2", "arith", "gsm8k"), default="mult")
+    t.add_argument("--data", help="--task gsm8k: a GSM8K-shaped JSONL, read in place")
+    t.add_argument("--questions", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0, help="which questions (and the bootstrap's seed)")
+    t.add_argument("--budget", type=int, default=8, help="M: sequences per question in every arm")
+    t.add_argument("--warmup", type=int, default=2, help="DeepConf warm-up traces (of M) that set the threshold")
+    t.add_argument("--window", type=int, default=8, help="group-confidence window, tokens")
+    t.add_argument("--eager-threshold", type=float, default=2.0, help="fork where the top-K entropy exceeds this")
+    t.add_argument("--adapt-share", type=float, default=0.5, help="budgets: this x the sequences per question")
+    t.add_argument("--max-new-tokens", type=int, default=32)
+    t.add_argument("--temperature", type=float, default=0.7)
+    t.add_argument("--concurrency", type=int, default=4, help="questions at a time")
+    t.add_argument("--out", default="examples/results/tree_mult")
+    t.set_defaults(func=_run_tree)
     commands.add_demo_arm(DemoArm("EAGer tree", "eager", eager_tree))
+
+
+def _run_tree(args) -> int:
+    from sglang_entropy_branch.tree_bench import run_tree
+
+    return run_tree(args)
 
 
 def eager_tree(url, prompt, sequences, sampling, tokenizer):

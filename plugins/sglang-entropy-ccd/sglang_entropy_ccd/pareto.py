@@ -81,6 +81,7 @@ def generate(url: str, prompt: str, max_new_tokens: int, params: dict | None) ->
 def run_pareto(args) -> int:
     from rich.progress import Progress
 
+    from sglang_entropy.tools.model import model_card
     from sglang_entropy.tools.server import launch
     from sglang_entropy_ccd.model import LONG_CONFIG, ensure_model, progression_problem
 
@@ -115,7 +116,7 @@ def run_pareto(args) -> int:
     summary = summarize(rows, plan)
     meta = {
         "command": bench_command("ccd-pareto"),
-        "model": card(Path(model_path)),
+        "model": model_card(Path(model_path)),
         "questions": args.questions,
         "seed": args.seed,
         "block_size": args.block_size,
@@ -124,16 +125,6 @@ def run_pareto(args) -> int:
     write_report(Path(args.out), meta, summary, targets(summary), rows)
     print("\n".join(table(summary)))
     return 0
-
-
-def card(model_path: Path) -> dict:
-    """The model by name and checksum of its weights (never by a local path)."""
-    import hashlib
-
-    weights = sorted(model_path.glob("*.safetensors"))
-    digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()
-    about = json.loads((model_path / "sglang_entropy_model.json").read_text())
-    return {"name": model_path.name, "sha256": digest, **about}
 
 
 def summarize(rows: list[dict], plan: list[Arm]) -> list[dict]:

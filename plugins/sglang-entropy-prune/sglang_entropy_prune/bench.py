@@ -29,6 +29,7 @@ from sglang_entropy_prune.voting import extract_answer, normalize_number, traces
 
 SYSTEM_PROMPTS = {
     "arith": "What is {a} + {b}? Answer with just the number.",
+    "mult": "What is {a} times {b}? Answer with just the number.",
     "gsm8k": "{question}\nSolve it step by step, then write the final answer as '#### <number>'.",
 }
 
@@ -45,6 +46,24 @@ def arithmetic_questions(count: int, seed: int) -> list[Question]:
     rng = random.Random(seed)
     pairs = [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(count)]
     return [Question(SYSTEM_PROMPTS["arith"].format(a=a, b=b), str(a + b), "number") for a, b in pairs]
+
+
+def multiplication_questions(count: int, seed: int) -> list[Question]:
+    """One-digit multiplication (2 to 9): SmolLM2-135M-Instruct gets about a quarter of the
+    traces right, so votes and trees have room to help."""
+    rng = random.Random(seed)
+    pairs = [(rng.randint(2, 9), rng.randint(2, 9)) for _ in range(count)]
+    return [Question(SYSTEM_PROMPTS["mult"].format(a=a, b=b), str(a * b), "number") for a, b in pairs]
+
+
+def two_digit_addition_questions(count: int, seed: int) -> list[Question]:
+    """Two-digit addition (10 to 99): harder still for the default model."""
+    rng = random.Random(seed)
+    pairs = [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(count)]
+    return [Question(SYSTEM_PROMPTS["arith"].format(a=a, b=b), str(a + b), "number") for a, b in pairs]
+
+
+GROUNDS = {"arith": arithmetic_questions, "mult": multiplication_questions, "add2": two_digit_addition_questions}
 
 
 def gsm8k_questions(path: Path, count: int, seed: int) -> list[Question]:
