@@ -209,3 +209,13 @@ def test_a_composed_request_through_openai_extra_body(entropy_server):
     stops = [e for e in info["events"] if e["kind"] == "stop"]
     assert stops[0]["policy"] == "deepconf" and stops[0]["token_index"] == 3
     assert all(e["policy"] in ("deepconf", "echo") for e in info["events"])
+
+
+def test_example_prints_the_pruned_tree(entropy_server, tokenizer):
+    import runpy
+
+    example = runpy.run_path("examples/composed_tree.py")
+    threshold, found, pruned, result = example["ask"](entropy_server.url, tokenizer, "What is 7 times 8?")
+    assert threshold > 0 and found and all(s.text for s in found)
+    assert set(pruned) <= {s.rid for s in found}
+    assert result.voters == sum(1 for s in found if s.rid not in pruned and s.answer is not None)

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from sglang_entropy_branch import tree_bench
 from sglang_entropy_prune.bench import GROUNDS, Question
 
