@@ -9,7 +9,7 @@ import uuid
 import pytest
 import requests
 
-from tests.server_state import entropy_state, used_tokens
+from tests.server_state import delta, entropy_state, scrape, used_tokens
 
 pytestmark = pytest.mark.server
 
@@ -141,9 +141,11 @@ def test_pruned_sequences_give_their_budget_back(entropy_server, question):
         return response.json()
 
     pruned, kept = uuid.uuid4().hex, uuid.uuid4().hex
+    before = scrape(entropy_server.url)
     # every sequence is pruned at its fourth token: the three it used go back to the pool, so the
     # next request of the group forks again
     assert [len(tree(pruned, prune=True)) for _ in range(2)] == [3, 3]
+    assert delta(before, scrape(entropy_server.url), "sglang:entropy_budget_returned_total") == 6
     # sequences that run to their end keep their share: the group's budget is spent after one request
     assert [len(tree(kept, prune=False)) for _ in range(2)] == [3, 1]
 
