@@ -132,7 +132,9 @@ def test_a_budget_groups_requests_are_pinned_to_one_data_parallel_rank():
     from sglang_entropy.settings import EntropyRequestError, Limits
 
     book = GroupBook(Limits())
-    options = SimpleNamespace(params=installed_policies().get("eager").spec.params(budget_group="pool", budget=3))
+    options = SimpleNamespace(
+        policy="eager", params=installed_policies().get("eager").spec.params(budget_group="pool", budget=3)
+    )
     entropy = {"policy": "eager", "params": {"budget_group": "pool", "budget": 3}}
 
     def rank_of(scope, routed=None):

@@ -60,3 +60,10 @@ def test_targets_are_read_from_the_summary():
     met = pareto.targets(pareto.summarize(rows(numbers), arms))
     assert not met["4x_fewer_within_1_point"]["met"]
     assert met["no_more_forwards_than_lowconfidence_at_its_accuracy"]["lowconfidence_arms_not_matched"] == [labels[1]]
+
+
+def test_answers_and_tokens_are_read_up_to_the_first_end_of_sequence():
+    tokenizer = SimpleNamespace(eos_token_id=2, decode=lambda ids, skip_special_tokens: "".join(map(str, ids)))
+    assert pareto.answer_text([5, 6, 2, 7, 2], tokenizer) == "56"
+    assert pareto.answer_tokens([5, 6, 2, 7, 2], tokenizer) == 3
+    assert pareto.answer_tokens([5, 6], tokenizer) == 2
