@@ -288,3 +288,23 @@ def test_the_frontend_rewrites_the_primary_policys_parameters_in_either_form():
         "policies": [listed[0], {"policy": "eager", "params": {"budget_group": "scoped"}}]
     }
     assert listed[1] == {"policy": "eager"}  # the request's own value is not changed
+
+
+def test_a_composed_group_runs_each_trace_with_every_policy_and_the_groups_parameters():
+    from sglang_entropy.adapter.frontend import groups
+    from sglang_entropy.registry import installed_policies
+
+    settings, registry = ServerSettings.from_env({}), installed_policies()
+    entropy = {"policies": [{"policy": "echo"}, {"policy": "deepconf", "params": {"warmup_traces": 2}}]}
+    options = settings.resolve({"entropy": entropy}, registry, n=4, temperature=0.7)
+    assert options.policies == ("deepconf", "echo") and groups.forms_group(options, 4)
+    group = groups.Group("g", options.policy, options.params)
+    group.view.overrides = {"threshold": 5.5}  # what the warm-up calibrated
+    obj = SimpleNamespace(sampling_params={"n": 4, "custom_params": {"entropy": entropy}})
+    trace, _ = groups._trace_request(obj, "g-3", options, group)
+    sent = trace.sampling_params["custom_params"]["entropy"]
+    assert [p["policy"] for p in sent["policies"]] == ["deepconf", "echo"]
+    assert sent["policies"][0]["params"]["threshold"] == 5.5 and sent["policies"][0]["params"]["group_id"] == "g"
+    assert {"confidence", "entropy"} <= set(sent["return_signals"])  # what both policies read
+    again = settings.resolve(trace.sampling_params["custom_params"], registry, n=1, temperature=0.7)
+    assert again.params.threshold == 5.5 and again.policies == ("deepconf", "echo")

@@ -310,7 +310,8 @@ def _trace_request(obj, rid: str, options: ResolvedRequest, group: Group):
     returned = [s for spec in specs for s in spec.signals if s != "group_confidence"]
     entropy = {"return_signals": list(dict.fromkeys([*options.return_signals, *returned]))}
     if len(options.composed) > 1:  # the group policy (the primary) with the group's parameters, the others as asked
-        others = [{"policy": name, "params": p.model_dump(exclude_none=True)} for name, p in options.composed[1:]]
+        # only what was set: a default written out would count as set, against the other policies' settings
+        others = [{"policy": name, "params": p.model_dump(exclude_unset=True)} for name, p in options.composed[1:]]
         entropy["policies"] = [{"policy": options.policy, "params": trace_params}, *others]
     else:
         entropy.update(policy=options.policy, params=trace_params)
