@@ -1,6 +1,9 @@
 """What the tests read of a launched server's state: the adapter's, SGLang's KV usage, and the
 adapter's metrics on ``/metrics``."""
 
+import threading
+import time
+
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,3 +36,19 @@ def scrape(url: str) -> dict:
 def delta(before: dict, after: dict, name: str, **labels) -> float:
     key = (name, frozenset(labels.items()))
     return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def abort_once_branched(server, rid: str, generate, sequences: int = 3, timeout: float = 120):
+    """Run ``generate()`` (a branching request with ``rid``) in a thread, abort ``rid`` once the
+    server runs ``sequences`` of its sequences, and return what ``generate`` returned."""
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(value=generate()))
+    worker.start()
+    deadline = time.time() + timeout
+    while entropy_state(server)["active_requests"] < sequences:
+        assert time.time() < deadline, "the request never branched"
+        time.sleep(0.2)
+    requests.post(f"{server.url}/abort_request", json={"rid": rid}, timeout=60).raise_for_status()
+    worker.join(timeout=300)
+    assert not worker.is_alive()
+    return result["value"]

@@ -2,14 +2,12 @@
 deepconf: every fork and every stop re-checked from the per-token signals each sequence
 returned, a child's window including the prefix it shares with its parent."""
 
-import threading
-import time
 import uuid
 
 import pytest
 import requests
 
-from tests.server_state import delta, entropy_state, scrape, used_tokens
+from tests.server_state import abort_once_branched, delta, entropy_state, scrape, used_tokens
 
 pytestmark = pytest.mark.server
 
@@ -153,22 +151,13 @@ def test_pruned_sequences_give_their_budget_back(entropy_server, question):
 def test_aborting_a_composed_request_frees_every_sequence(entropy_server, question):
     baseline = used_tokens(entropy_server)
     rid = f"composed-{uuid.uuid4().hex}"
-    result = {}
     policies = composed({"threshold": 0.3, "max_sequences": 4}, {"threshold": 0})  # never prunes
-
-    def run():
-        result["response"] = generate(entropy_server, question, policies, rid=rid, max_new_tokens=2000, ignore_eos=True)
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    deadline = time.time() + 120
-    while entropy_state(entropy_server)["active_requests"] < 3:
-        assert time.time() < deadline, "the request never branched"
-        time.sleep(0.2)
-    requests.post(f"{entropy_server.url}/abort_request", json={"rid": rid}, timeout=60).raise_for_status()
-    worker.join(timeout=300)
-    assert not worker.is_alive()
-    assert all(s["meta_info"]["finish_reason"]["type"] == "abort" for s in result["response"].json())
+    response = abort_once_branched(
+        entropy_server,
+        rid,
+        lambda: generate(entropy_server, question, policies, rid=rid, max_new_tokens=2000, ignore_eos=True),
+    )
+    assert all(s["meta_info"]["finish_reason"]["type"] == "abort" for s in response.json())
     state = entropy_state(entropy_server)
     assert state["active_requests"] == state["active_slots"] == state["inherited_states"] == 0, state
     assert used_tokens(entropy_server) == baseline

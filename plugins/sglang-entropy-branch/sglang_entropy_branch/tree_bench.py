@@ -290,24 +290,20 @@ def questions_for(args):
 
 
 def run_tree(args) -> int:
-    from sglang_entropy_prune.bench import chat_prompts
-    from transformers import AutoTokenizer
+    from sglang_entropy_prune.bench import model_and_prompts
 
     from sglang_entropy.tools import server as sglang_server
-    from sglang_entropy.tools.model import build_default_model, model_card
+    from sglang_entropy.tools.model import model_card
 
     console = Console()
     if args.warmup >= args.budget:
         console.print("--warmup must be below --budget: the trees need sequences of their own")
         return 2
     questions = questions_for(args)
-    model_path = args.model_path or (None if args.url else build_default_model(progress=console.print))
-    tokenizer_path = args.tokenizer or model_path
-    if tokenizer_path is None:
-        console.print("--url needs --tokenizer (a HF folder or hub id) to apply the chat template")
+    found = model_and_prompts(args, questions, console)
+    if found is None:
         return 2
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    texts = chat_prompts(tokenizer, questions)
+    model_path, tokenizer_path, tokenizer, texts = found
     records = {arm: [] for arm in ARMS}
     seconds = dict.fromkeys(ARMS, 0.0)
     launched = sglang_server.server_url(

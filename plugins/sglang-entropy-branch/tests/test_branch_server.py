@@ -1,13 +1,11 @@
 """End to end (work in progress): the eager policy forks sequences inside the real server."""
 
-import threading
-import time
 import uuid
 
 import pytest
 import requests
 
-from tests.server_state import entropy_state, used_tokens
+from tests.server_state import abort_once_branched, entropy_state, used_tokens
 
 pytestmark = pytest.mark.server
 
@@ -71,28 +69,13 @@ def test_branches_fork_where_topk_entropy_exceeds_the_threshold(entropy_server, 
 def test_aborting_a_branching_request_frees_every_sequence(entropy_server, question):
     baseline = used_tokens(entropy_server)
     rid = f"eager-{uuid.uuid4().hex}"
-    result = {}
-    worker = threading.Thread(
-        target=lambda: result.update(
-            sequences=eager(
-                entropy_server,
-                question,
-                {"threshold": 0.5, "max_sequences": 4},
-                rid=rid,
-                max_new_tokens=2000,
-                ignore_eos=True,
-            )
-        )
+    params = {"threshold": 0.5, "max_sequences": 4}
+    sequences = abort_once_branched(
+        entropy_server,
+        rid,
+        lambda: eager(entropy_server, question, params, rid=rid, max_new_tokens=2000, ignore_eos=True),
     )
-    worker.start()
-    deadline = time.time() + 120
-    while entropy_state(entropy_server)["active_requests"] < 3:
-        assert time.time() < deadline, "the request never branched"
-        time.sleep(0.2)
-    requests.post(f"{entropy_server.url}/abort_request", json={"rid": rid}, timeout=60).raise_for_status()
-    worker.join(timeout=300)
-    assert not worker.is_alive()
-    assert all(s["meta_info"]["finish_reason"]["type"] == "abort" for s in result["sequences"])
+    assert all(s["meta_info"]["finish_reason"]["type"] == "abort" for s in sequences)
     state = entropy_state(entropy_server)
     assert state["active_requests"] == 0 and state["active_slots"] == 0
     assert used_tokens(entropy_server) == baseline

@@ -86,3 +86,34 @@ def test_grounds_are_seeded_and_right():
         a, b = (int(w) for w in q.prompt.removeprefix("What is ").split("?")[0].split(" times "))
         assert int(q.answer) == a * b and 2 <= a <= 9
     assert np.mean([int(q.answer) for q in GROUNDS["add2"](200, 0)]) > 50
+
+
+@pytest.mark.server
+def test_the_bench_runs_every_arm_against_a_server(entropy_server, model_path, tmp_path):
+    import json
+    from argparse import Namespace
+
+    args = Namespace(
+        url=entropy_server.url,
+        model_path=None,
+        tokenizer=str(model_path),
+        task="mult",
+        data=None,
+        questions=2,
+        seed=1,
+        budget=3,
+        warmup=1,
+        window=4,
+        eager_threshold=1.0,
+        adapt_share=0.5,
+        max_new_tokens=12,
+        temperature=0.7,
+        concurrency=2,
+        out=str(tmp_path / "tree"),
+    )
+    assert tree_bench.run_tree(args) == 0
+    results = json.loads((tmp_path / "tree.json").read_text())
+    assert [row["arm"] for row in results["summary"]] == list(tree_bench.ARMS)
+    for arm, records in results["records"].items():
+        assert len(records) == 2 and all(r["tokens"] > 0 and 1 <= r["sequences"] <= 3 for r in records), arm
+    assert len(results["targets"]) == 3 and (tmp_path / "tree.md").exists() and (tmp_path / "tree.png").exists()

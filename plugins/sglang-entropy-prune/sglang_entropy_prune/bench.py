@@ -90,6 +90,22 @@ def chat_prompts(tokenizer, questions: list[Question]) -> list[str]:
     ]
 
 
+def model_and_prompts(args, questions: list[Question], console):
+    """The model to launch (None with ``--url``), the tokenizer's path and tokenizer, and the
+    questions as chat prompts; None, after saying why, when ``--url`` comes without ``--tokenizer``."""
+    from transformers import AutoTokenizer
+
+    from sglang_entropy.tools.model import build_default_model
+
+    model_path = args.model_path or (None if args.url else build_default_model(progress=console.print))
+    tokenizer_path = args.tokenizer or model_path
+    if tokenizer_path is None:
+        console.print("--url needs --tokenizer (a HF folder or hub id) to apply the chat template")
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    return model_path, tokenizer_path, tokenizer, chat_prompts(tokenizer, questions)
+
+
 def arms(args) -> dict[str, dict | None]:
     deepconf = {"warmup_traces": args.warmup, "window_size": args.window, "top_k": 20}
     return {
@@ -135,10 +151,7 @@ def score(question: Question, outputs: list[dict], window: int) -> dict:
 
 def run_prune(args) -> int:
     console = Console()
-    from transformers import AutoTokenizer
-
     from sglang_entropy.tools import server as sglang_server
-    from sglang_entropy.tools.model import build_default_model
 
     if args.task == "gsm8k":
         if args.data is None:
@@ -147,13 +160,10 @@ def run_prune(args) -> int:
         questions = gsm8k_questions(Path(args.data), args.questions, args.seed)
     else:
         questions = arithmetic_questions(args.questions, args.seed)
-    model_path = args.model_path or (None if args.url else build_default_model(progress=console.print))
-    tokenizer_path = args.tokenizer or model_path
-    if tokenizer_path is None:
-        console.print("--url needs --tokenizer (a HF folder or hub id) to apply the chat template")
+    found = model_and_prompts(args, questions, console)
+    if found is None:
         return 2
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    texts = chat_prompts(tokenizer, questions)
+    model_path, tokenizer_path, _, texts = found
     plan = arms(args)
     device = "the server at " + args.url if args.url else ("GPU" if sglang_server.has_gpu() else "CPU (portable_cpu)")
     records = {arm: [] for arm in plan}
