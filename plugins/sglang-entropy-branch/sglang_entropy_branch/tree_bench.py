@@ -363,6 +363,16 @@ def summary_table(summary: list[dict], title: str) -> Table:
     return table
 
 
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 3)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rounded(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
+
+
 def _ci(r: dict, key: str) -> str:
     low, high = r[f"{key}_ci"]
     return f"{r[key]:.3f} [{low:.3f}, {high:.3f}]"
@@ -402,7 +412,7 @@ def write_report(out: Path, meta: dict, summary: list[dict], met: dict) -> None:
         )
     lines += ["", "Targets:"]
     for name, result in met.items():
-        details = ", ".join(f"{k} {v}" for k, v in result.items() if k != "met")
+        details = "; ".join(f"{k.replace('_', ' ')}: {_rounded(v)}" for k, v in result.items() if k != "met")
         lines.append(f"- {name}: **{'met' if result['met'] else 'not met'}** ({details})")
     if "GPU" not in meta["device"]:
         lines += ["", "Wall times on a CPU are for the ratio only, not a speed claim."]
