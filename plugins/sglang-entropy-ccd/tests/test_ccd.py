@@ -235,7 +235,7 @@ def test_rows_decide_by_their_own_parameters():
     assert decision.trace["budget"].tolist() == [1, 3]
 
 
-def test_progression_answers_span_five_blocks_and_follow_the_step():
+def test_progression_answers_span_five_blocks_and_follow_the_step(model_path):
     import random
 
     from sglang_entropy_ccd.model import (
@@ -248,8 +248,6 @@ def test_progression_answers_span_five_blocks_and_follow_the_step():
     )
     from transformers import AutoTokenizer
 
-    from sglang_entropy.tools.model import default_model_path
-
     rng = random.Random(3)
     for _ in range(50):
         prompt, answer = progression_problem(rng, LONG_CONFIG.terms)
@@ -257,7 +255,7 @@ def test_progression_answers_span_five_blocks_and_follow_the_step():
         terms = [int(t) for t in answer.split(",")]
         assert len(terms) == LONG_CONFIG.terms and 1 <= step <= 9 and len(answer) == 5 * LONG_CONFIG.terms - 1
         assert terms == [(start + k * step) % 10_000 for k in range(1, LONG_CONFIG.terms + 1)]
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(model_path)  # the default model's: the task's tokens
     ids = task_tokens(tokenizer, task_characters(LONG_CONFIG))
     assert tokenizer(prompt + answer, add_special_tokens=False)["input_ids"] == [ids[c] for c in prompt + answer]
     tokens, prompt_len = encode_example(prompt, answer, ids, LONG_CONFIG.block_size)
