@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tomllib
@@ -137,11 +136,6 @@ class ResolvedRequest:
     def label(self) -> str | list[str] | None:
         """How responses name the request's policy: its name, or the list of a composition."""
         return list(self.policies) if len(self.composed) > 1 else self.policy
-
-    def with_params(self, params: BaseModel) -> "ResolvedRequest":
-        """The same request with its primary policy's parameters replaced."""
-        composed = ((self.policy, params), *self.composed[1:])
-        return dataclasses.replace(self, params=params, composed=composed)
 
 
 @dataclass(frozen=True)

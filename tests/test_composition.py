@@ -76,6 +76,11 @@ class Counter:
         return None
 
 
+class BadReason:
+    def decode_step(self, step):
+        return DecodeDecision(stop=step.mask, stop_reason=torch.full_like(step.token_index, 3))
+
+
 class Unmask:
     def unmask_step(self, step):
         return UnmaskDecision(commit=step.masked)
@@ -98,6 +103,7 @@ class Plugin:
         register(PolicySpec(name="grouped", params=Grouped, signals=(), groups=True), Stopper())
         register(PolicySpec(name="grouped2", params=Grouped, signals=(), groups=True), Stopper())
         register(PolicySpec(name="counter", params=PolicyParams, signals=()), Counter())
+        register(PolicySpec(name="bad_reason", params=PolicyParams, stop_reasons=("only",), signals=()), BadReason())
         register(PolicySpec(name="unmask", params=PolicyParams, family="dllm", dllm_algorithm="Unmask"), Unmask())
 
 
@@ -129,8 +135,6 @@ def test_a_list_of_policies_is_validated_and_the_policy_that_forms_sequences_com
         assert resolved.label == ["fork", "low"]
     single = resolve(runtime, {"policy": "low"})
     assert single.policies == ("low",) and single.label == "low"
-    renewed = resolve(runtime, both).with_params(Forking(max_sequences=2))
-    assert renewed.params.max_sequences == renewed.composed[0][1].max_sequences == 2
 
 
 @pytest.mark.parametrize(
@@ -219,6 +223,13 @@ def test_one_policy_failing_fails_only_its_requests(runtime, monkeypatch):
     run_step(runtime, [composed, alone], flat_logits(2))
     assert "sglang-entropy (high) failed" in composed.finished_reason.message
     assert alone.finished_reason is None
+
+
+def test_a_reason_a_policy_did_not_register_fails_the_request_naming_that_policy(runtime):
+    req = FakeReq("r", 1, [{"policy": "low", "params": {"limit": 9}}, {"policy": "bad_reason"}])
+    start(runtime, req)
+    run_step(runtime, [req], flat_logits(1))
+    assert "sglang-entropy (bad_reason) failed: IndexError" in req.finished_reason.message
 
 
 # --- forked sequences inherit their parent's state -------------------------------------------------

@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 import requests
+from sglang_entropy_branch.client import whole
 
 from tests.server_state import abort_once_branched, delta, entropy_state, scrape, used_tokens
 
@@ -43,23 +44,7 @@ def generate(server, text, policies, rid=None, **sampling):
 def whole_traces(sequences: list[dict]) -> dict[str, list[float]]:
     """Each sequence's token confidences over its whole trace: its ancestors' tokens before
     each branch point, then its own."""
-    by_id = {s["meta_info"]["id"]: s["meta_info"] for s in sequences}
-    traces: dict[str, list[float]] = {}
-
-    def trace(rid):
-        if rid not in traces:
-            meta = by_id[rid]
-            about, prefix = meta["entropy"]["sequence"], []
-            if about["parent"] is not None:  # the parent's whole trace up to its branch point
-                parent = by_id[about["parent"]]["entropy"]["signals"]["confidence"]
-                shared = len(trace(about["parent"])) - len(parent)
-                prefix = trace(about["parent"])[: shared + about["branch_token_index"]]
-            traces[rid] = prefix + meta["entropy"]["signals"]["confidence"]
-        return traces[rid]
-
-    for rid in by_id:
-        trace(rid)
-    return traces
+    return whole(sequences, lambda output: output["meta_info"]["entropy"]["signals"]["confidence"])
 
 
 def check_tree(sequences, eager_threshold, threshold, window, max_sequences):

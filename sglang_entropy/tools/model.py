@@ -40,11 +40,13 @@ def default_model_path() -> Path:
     return cache_dir() / MODEL_DIR_NAME
 
 
-def _sha256(path: Path) -> str:
+def _sha256(*paths: Path) -> str:
+    """The sha256 of the files' bytes, one after the other."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -52,15 +54,10 @@ def model_card(model_path: Path) -> dict:
     """A model by name and the sha256 of its weights (never by a local path), with what its
     builder recorded about it (``sglang_entropy_model.json``), for benchmark results."""
     weights = sorted(model_path.glob("*.safetensors")) or sorted(model_path.glob("*.gguf"))
-    digest = hashlib.sha256()
-    for weight in weights:
-        with weight.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
     about = model_path / "sglang_entropy_model.json"
     return {
         "name": model_path.name,
-        "sha256": digest.hexdigest(),
+        "sha256": _sha256(*weights),
         **(json.loads(about.read_text()) if about.exists() else {}),
     }
 

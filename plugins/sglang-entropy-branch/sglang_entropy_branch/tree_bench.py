@@ -82,27 +82,13 @@ def plain(outputs: list[dict]) -> list[Answered]:
 def tree(outputs: list[dict], tokenizer) -> list[Answered]:
     """A tree's sequences with their whole texts and confidences (the ancestors' before each
     branch point, then their own)."""
-    from sglang_entropy_branch.client import sequences
+    from sglang_entropy_branch.client import sequences, whole
 
-    by_id = {o["meta_info"]["id"]: o["meta_info"] for o in outputs}
-    whole: dict[str, list[float]] = {}
-
-    def confidences(rid: str) -> list[float]:
-        if rid not in whole:
-            meta = by_id[rid]
-            own = meta["entropy"]["signals"]["confidence"]
-            about, prefix = meta["entropy"]["sequence"], []
-            if about["parent"] is not None:
-                parent = confidences(about["parent"])
-                shared = len(parent) - len(by_id[about["parent"]]["entropy"]["signals"]["confidence"])
-                prefix = parent[: shared + about["branch_token_index"]]
-            whole[rid] = prefix + own
-        return whole[rid]
-
-    rebuilt = sequences(outputs, tokenizer, lambda text: None)
+    confidences = whole(outputs, lambda output: output["meta_info"]["entropy"]["signals"]["confidence"])
+    finish = {o["meta_info"]["id"]: o["meta_info"].get("finish_reason") or {} for o in outputs}
     return [
-        Answered(s.text, confidences(s.rid), bool((by_id[s.rid].get("finish_reason") or {}).get("entropy_policy")))
-        for s in rebuilt
+        Answered(s.text, confidences[s.rid], bool(finish[s.rid].get("entropy_policy")))
+        for s in sequences(outputs, tokenizer, lambda text: None)
     ]
 
 

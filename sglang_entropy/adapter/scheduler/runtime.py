@@ -58,11 +58,6 @@ class RequestRecord:
     infos: tuple[RequestInfo, ...]  # what each policy's lifecycle methods see, in the same order
     signals: frozenset[str]  # signals this request or its policies read
 
-    @property
-    def info(self) -> RequestInfo | None:
-        """The primary policy's view of the request (None without a policy)."""
-        return self.infos[0] if self.infos else None
-
 
 @dataclass(frozen=True)
 class Inheritance:
@@ -456,9 +451,9 @@ class HostStepOutput:
                 continue
             try:
                 stopped = {policy: reason for _, policy, reason in _stops(runtime, record, row)}
-            except IndexError as e:  # a policy gave a reason it did not register
-                req.to_finish = policy_failure(record.info.policy, e)
-                runtime.metrics.failure(record.info.policy)
+            except UnregisteredReason as e:
+                req.to_finish = policy_failure(e.policy, e.__cause__)
+                runtime.metrics.failure(e.policy)
                 continue
             req.to_finish = EntropyStop(stopped, int(row["token_index"]))
             max_new_tokens = getattr(req.sampling_params, "max_new_tokens", None) or 0
@@ -496,7 +491,7 @@ def _record_token(req, record: RequestRecord, row: dict, index: int, event_names
     info = req.customized_info
     for name in record.resolved.return_signals:
         put_token_value(info[SIGNAL_KEY + name], index, row[name])
-    if record.info is not None:
+    if record.infos:
         events = _events(record, row, event_names, runtime)
         put_token_value(info[EVENTS_KEY], index, events or None)
 
@@ -532,13 +527,25 @@ def _values(row: dict, event_names, policy_index: int) -> dict[str, float]:
 
 def _stops(runtime: EntropyRuntime, record: RequestRecord, row: dict) -> list[tuple[int, str, str]]:
     """(policy index, policy, stop reason) of each of the request's policies that stopped the
-    row, in the request's order (raises IndexError for a reason the policy did not register)."""
+    row, in the request's order (raises UnregisteredReason naming the policy that gave one)."""
     bits = int(row["stoppers"])
     stops = []
     for index in (i for i in record.policy_indices if bits >> i & 1):
         spec = runtime.registry.get(runtime.policies[index]).spec
-        stops.append((index, spec.name, spec.stop_reasons[int(row.get(f"reason/{index}", 0))]))
+        try:
+            stops.append((index, spec.name, spec.stop_reasons[int(row.get(f"reason/{index}", 0))]))
+        except IndexError as e:
+            raise UnregisteredReason(spec.name, e) from e
     return stops
+
+
+class UnregisteredReason(Exception):
+    """A policy's stop decision indexed a reason its spec does not register (the IndexError is
+    the cause); ``policy`` names which policy of the request it was."""
+
+    def __init__(self, policy: str, error: IndexError):
+        super().__init__(policy, error)
+        self.policy = policy
 
 
 def _end_reason(req) -> str:
