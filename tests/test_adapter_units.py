@@ -109,6 +109,64 @@ def test_the_launcher_binds_ranks_to_cores_and_waits_for_tokenizer_workers(monke
     assert cpu_scale_out_env([]) == {}
 
 
+# A stand-in server: binds its port like SGLang does (failing with SGLang's message when it is
+# taken) and answers the readiness probe.
+STAND_IN_SERVER = """
+import http.server, sys
+class Ready(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+try:
+    server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Ready)
+except OSError as e:
+    sys.exit(f"ERROR: [Errno 98] error while attempting to bind: {e}")
+server.serve_forever()
+"""
+
+
+def test_a_server_whose_port_was_taken_meanwhile_starts_again_on_another(monkeypatch):
+    import socket
+    import sys
+
+    import requests
+
+    from sglang_entropy.tools import server as launcher
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        picks = iter([taken.getsockname()[1], launcher.free_port()])
+        monkeypatch.setattr(launcher, "free_port", lambda: next(picks))
+        started = []
+
+        def command(port):
+            started.append(port)
+            return [sys.executable, "-c", STAND_IN_SERVER, str(port)]
+
+        with launcher._running(command, None, "stand-in", 60, None) as server:
+            assert requests.get(f"{server.url}/health_generate", timeout=10).status_code == 200
+        assert started[0] == taken.getsockname()[1] and server.url.endswith(f":{started[1]}")
+        assert server.process.poll() is not None  # stopped on leaving
+
+
+def test_a_server_that_fails_for_another_reason_is_not_started_again(monkeypatch):
+    import sys
+
+    from sglang_entropy.tools import server as launcher
+
+    started = []
+
+    def command(port):
+        started.append(port)
+        return [sys.executable, "-c", "import sys; sys.exit('ERROR: the model is broken')"]
+
+    with pytest.raises(RuntimeError, match="the model is broken"):
+        with launcher._running(command, None, "stand-in", 60, None):
+            pass
+    assert len(started) == 1
+
+
 def test_named_groups_are_refused_where_tokenizer_workers_would_split_them(monkeypatch):
     from sglang_entropy.adapter.frontend import serving
     from sglang_entropy.registry import installed_policies

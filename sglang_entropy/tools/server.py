@@ -130,32 +130,58 @@ def server_url(url: str | None, model_path, extra_args=(), progress=None):
 @contextmanager
 def launch(model_path, enable_entropy=True, extra_args=(), extra_env=None, timeout=600, progress=None):
     """Start the server, wait until it generates, yield a ``Server``, stop it."""
-    port = free_port()
-    command = server_command(model_path, port, enable_entropy, extra_args)
-    with _running(command, server_env(extra_env, extra_args), port, "server", timeout, progress) as server:
+
+    def command(port: int) -> list[str]:
+        return server_command(model_path, port, enable_entropy, extra_args)
+
+    with _running(command, server_env(extra_env, extra_args), "server", timeout, progress) as server:
         yield server
+
+
+PORT_ATTEMPTS = 3
+
+
+class PortTaken(RuntimeError):
+    """The free port picked for a server was bound by another process before the server bound it."""
 
 
 @contextmanager
-def _running(command: list[str], env, port: int, name: str, timeout: float, progress):
-    """Run ``command`` in its own process group, logging to a file, until it generates on
-    ``port``; yield it as a ``Server`` and stop it afterwards."""
-    log = tempfile.NamedTemporaryFile(prefix=f"sglang-entropy-{name}-", suffix=".log", delete=False)
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(process, f"http://127.0.0.1:{port}", Path(log.name))
-    try:
-        _wait_ready(server, timeout, progress)
-        yield server
-    finally:
-        _stop(process)
-        log.close()
+def _running(command, env, name: str, timeout: float, progress):
+    """Run ``command(port)`` on a free port in its own process group, logging to a file, until
+    it generates; yield it as a ``Server`` and stop it afterwards. A port is only known free when
+    it is picked, so a server that finds it taken is started again on another."""
+    for attempt in range(PORT_ATTEMPTS):
+        port = free_port()
+        log = tempfile.NamedTemporaryFile(prefix=f"sglang-entropy-{name}-", suffix=".log", delete=False)
+        process = subprocess.Popen(command(port), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = Server(process, f"http://127.0.0.1:{port}", Path(log.name))
+        try:
+            _wait_ready(server, timeout, progress)
+        except PortTaken:
+            _stop(process)
+            log.close()
+            if attempt + 1 == PORT_ATTEMPTS:
+                raise
+            continue
+        except BaseException:
+            _stop(process)
+            log.close()
+            raise
+        try:
+            yield server
+        finally:
+            _stop(process)
+            log.close()
+        return
 
 
 def _wait_ready(server: Server, timeout: float, progress) -> None:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if server.process.poll() is not None:
-            raise RuntimeError(f"the SGLang server exited with {server.process.returncode}:\n{server.log_tail()}")
+            tail = server.log_tail()
+            error = PortTaken if "address already in use" in tail.lower() else RuntimeError
+            raise error(f"the SGLang server exited with {server.process.returncode}:\n{tail}")
         try:
             if requests.get(f"{server.url}/health_generate", timeout=30).status_code == 200:
                 return
@@ -207,6 +233,10 @@ def router_command(worker_urls: list[str], port: int, metrics_port: int) -> list
 def router(worker_urls: list[str], timeout=300):
     """Start sglang-router in front of running servers, wait until it generates, yield a
     ``Server`` for it, stop it."""
-    port = free_port()
-    with _running(router_command(worker_urls, port, free_port()), None, port, "router", timeout, None) as server:
+    metrics_port = free_port()
+
+    def command(port: int) -> list[str]:
+        return router_command(worker_urls, port, metrics_port)
+
+    with _running(command, None, "router", timeout, None) as server:
         yield server

@@ -45,10 +45,10 @@ def register_commands(commands):
     )
     commands.add_model(
         "--diffusion-long",
-        "train the block-diffusion model for arithmetic progressions (answers of 5 to 6 blocks) instead (CPU)",
+        "train the block-diffusion model for arithmetic progressions (answers over 5 blocks of 16) instead (CPU)",
         _build_long,
     )
-    build.add_argument("--steps", type=int, help="--diffusion, --diffusion-long: training steps (default 4000, 3000)")
+    build.add_argument("--steps", type=int, help="--diffusion, --diffusion-long: training steps (default 4000, 2000)")
     c = commands.add_bench("ccd", help="diffusion LM: LowConfidence vs CCD vs CCD + early exit: NFE, accuracy, time")
     c.add_argument(
         "--urls", help="four servers, in arm order (LowConfidence, one token per step, CCD, CCD + early exit)"
@@ -74,8 +74,8 @@ def register_commands(commands):
     p.add_argument("--model-path", help="diffusion model (default: build-model --diffusion-long's)")
     p.add_argument("--questions", type=int, default=100)
     p.add_argument("--seed", type=int, default=7, help="which held-out problems")
-    p.add_argument("--block-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--block-size", type=int, help="default: the block size the model was trained with")
+    p.add_argument("--max-new-tokens", type=int, help="default: the model's answer length and one block")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.99, 0.9, 0.7, 0.5], help="LowConfidence's")
     p.add_argument("--joint-thresholds", type=float, nargs="+", default=[0.9, 0.5], help="JointThreshold's")
     p.add_argument("--budgets", type=int, nargs="+", default=[1, 2], help="CCD's")

@@ -84,12 +84,16 @@ def run_pareto(args) -> int:
 
     from sglang_entropy.tools.model import model_card
     from sglang_entropy.tools.server import launch
-    from sglang_entropy_ccd.model import LONG_CONFIG, ensure_model, progression_problem
+    from sglang_entropy_ccd.model import LONG_CONFIG, ensure_model, progression_problem, trained_with
 
+    model_path = Path(args.model_path or ensure_model(LONG_CONFIG))
+    trained = trained_with(model_path) or LONG_CONFIG
+    # the model's own block size and answer length unless asked otherwise
+    args.block_size = args.block_size or trained.block_size
+    args.max_new_tokens = args.max_new_tokens or 5 * trained.terms + args.block_size
     plan = arms(args)
-    model_path = args.model_path or ensure_model(LONG_CONFIG)
     rng = random.Random(args.seed)
-    problems = [progression_problem(rng, LONG_CONFIG.terms) for _ in range(args.questions)]
+    problems = [progression_problem(rng, trained.terms) for _ in range(args.questions)]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     servers: dict[str, list[Arm]] = {}
     for arm in plan:
@@ -118,7 +122,7 @@ def run_pareto(args) -> int:
     summary = summarize(rows, plan)
     meta = {
         "command": bench_command("ccd-pareto"),
-        "model": model_card(Path(model_path)),
+        "model": model_card(model_path),
         "questions": args.questions,
         "seed": args.seed,
         "block_size": args.block_size,
@@ -223,7 +227,7 @@ def write_report(out: Path, meta: dict, summary: list[dict], met: dict, rows: li
         "forwards count every model forward of the request (prompt-only blocks included); tokens and the "
         "answer are read up to the first end-of-sequence (JointThreshold does not stop there). A block "
         "takes at least 2 forwards here (one that commits its last positions, one that caches it), "
-        "so with 8-token blocks no schedule can use fewer than about 0.3 forwards per token.",
+        f"so no schedule can use fewer than about 2 forwards per {meta['block_size']} tokens.",
         "",
         *table(summary),
         "",
