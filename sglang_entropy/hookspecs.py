@@ -101,8 +101,8 @@ class DecodePolicy(Protocol):
         ``request`` is a ``RequestInfo``; ``state`` is the dict from ``init_state``. Reset the
         slot's buffers here. A sequence forked by a branching policy then takes over its
         parent's rows of every state buffer (and of the group-confidence window), as they were
-        after the step that forked it, so the policy judges it by its whole trace. Returns
-        nothing.
+        before the token it forked at (the child samples that token again as its first), so the
+        policy judges it by its whole trace, each token counted once. Returns nothing.
         """
 
     def request_end(self, request, reason, state):

@@ -255,7 +255,8 @@ def test_a_forked_child_continues_its_parent_window_and_state(runtime):
     inherit = runtime.fork_state(runtime.records["parent"], 2)
     child = FakeReq("child", 2, entropy, prompt_len=5 + 2)
     start(runtime, child, inherit)
-    assert runtime.state[runtime.policies.index("counter")]["steps"][2] == 3  # the parent's, after the fork step
+    # the parent's, before its token 2: the child samples that token again
+    assert runtime.state[runtime.policies.index("counter")]["steps"][2] == 2
     for peak in (9.0, 3.0):  # the child's tokens 0 and 1 (window index 2 and 3)
         run_step(runtime, [child], peaked_logits(peak))
     child_confidence = child.customized_info[protocol.SIGNAL_KEY + "confidence"]
@@ -263,7 +264,7 @@ def test_a_forked_child_continues_its_parent_window_and_state(runtime):
     trace = confidence[:2] + child_confidence  # the child's whole trace: the shared prefix, then its own
     assert group[0] == pytest.approx(sum(trace[:3]) / 3, rel=1e-5)
     assert group[1] == pytest.approx(sum(trace[:4]) / 4, rel=1e-5)
-    assert runtime.state[runtime.policies.index("counter")]["steps"][2] == 5
+    assert runtime.state[runtime.policies.index("counter")]["steps"][2] == 4  # each token of its trace once
     # a fresh request in the same slot afterwards starts from nothing
     runtime.end(SimpleNamespace(rid="child", finished_reason=None, finished=lambda: True, is_retracted=False))
     fresh = FakeReq("fresh", 2, entropy)

@@ -62,7 +62,8 @@ class RequestRecord:
 @dataclass(frozen=True)
 class Inheritance:
     """What a sequence forked by a branching policy takes over from its parent, copied on the
-    device at the fork (the parent's rows as they were after the step that forked it)."""
+    device at the fork: the parent's rows as they were before the token it forked at, which the
+    child samples again as its first token."""
 
     offset: torch.Tensor  # [] int64: the parent's window index of the child's first token
     first_window_index: torch.Tensor  # [] int64: the parent's first window index in its slot
@@ -281,6 +282,9 @@ class EntropyRuntime:
         write_slots = torch.where(valid, slots, torch.full_like(slots, SCRATCH_SLOT))  # [B]
         token_index = token_index.clamp(min=0)
 
+        # a child forked at this token samples it again, so it takes the rows as they are before it
+        branching = any(self.active_per_policy[i] for i in self.branching)
+        before = self._rows(write_slots) if branching else None
         full_vocab = any(self.signal_users[name] > 0 for name in FULL_VOCAB_SIGNALS)
         signals = token_signals(logits, self.confidence_k[slots], self.entropy_k[slots], full_vocab, self.workspace)
         signals["group_confidence"], window_full = self.windows.update(
@@ -311,8 +315,8 @@ class EntropyRuntime:
             except Exception as e:  # fail this policy's requests, not the server
                 logger.exception("policy %s raised in decode_step", name)
                 decisions.failures[index] = e
-        if any(self.active_per_policy[i] for i in self.branching):
-            self._keep_fork_points(write_slots, token_index, decisions.branch_width > 0)
+        if branching:
+            self._keep_fork_points(write_slots, token_index, decisions.branch_width > 0, before)
         packed, event_names, failures = decisions.pack(valid, token_index, signals)
         if self.tp_group is not None:
             # every TP rank runs the step on the same all-gathered logits, so their results agree
@@ -322,16 +326,22 @@ class EntropyRuntime:
             torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX, group=self.tp_group)
         return StepOutput(packed, event_names, failures, runtime=self)
 
-    def _keep_fork_points(self, slots: torch.Tensor, token_index: torch.Tensor, forking: torch.Tensor) -> None:
-        """Keep the window and state rows of the rows that ask to fork ([B] each), at ring index
+    def _rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Copies of the window [B, W] and every policy's state rows [B, ...] of ``slots`` (device)."""
+        state_rows = [{name: buffer[slots] for name, buffer in state.items()} for state in self.state]
+        return self.windows.values[slots], state_rows
+
+    def _keep_fork_points(self, slots: torch.Tensor, token_index: torch.Tensor, forking: torch.Tensor, before) -> None:
+        """Keep the rows ``before`` this step of the rows that ask to fork ([B] each), at ring index
         token_index % FORK_RING, for ``fork_state`` to copy once the host has forked (device)."""
         ring = token_index % FORK_RING  # [B]
+        window_before, state_before = before
         kept = self.fork_windows[slots, ring]  # [B, W]
-        self.fork_windows[slots, ring] = torch.where(forking[:, None], self.windows.values[slots], kept)
-        for state, fork_state in zip(self.state, self.fork_states, strict=True):
-            for name, buffer in state.items():
-                now, kept = buffer[slots], fork_state[name][slots, ring]  # [B, ...]
-                fork_state[name][slots, ring] = torch.where(forking.view(-1, *[1] * (now.dim() - 1)), now, kept)
+        self.fork_windows[slots, ring] = torch.where(forking[:, None], window_before, kept)
+        for rows, fork_state in zip(state_before, self.fork_states, strict=True):
+            for name, row in rows.items():
+                kept = fork_state[name][slots, ring]  # [B, ...]
+                fork_state[name][slots, ring] = torch.where(forking.view(-1, *[1] * (row.dim() - 1)), row, kept)
 
 
 def tensor_parallel_group():
