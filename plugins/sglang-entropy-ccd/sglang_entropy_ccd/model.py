@@ -56,7 +56,7 @@ class TrainConfig:
 # Answers of 14 four-digit terms, 13 commas and EOS: 70 tokens over 5 blocks of 16. Blocks of 16
 # hold three terms, so a block's first forward must carry d through up to three masked terms;
 # with blocks of 8 the model was sure of every position and all schedules sat at their floor.
-LONG_CONFIG = TrainConfig(block_size=16, task="progression", terms=14, steps=2000, batch_size=128, learning_rate=2e-3)
+LONG_CONFIG = TrainConfig(block_size=16, task="progression", terms=14, steps=2400, batch_size=64, learning_rate=2e-3)
 
 
 def task_characters(config: TrainConfig) -> str:

@@ -261,3 +261,18 @@ def test_progression_answers_span_five_blocks_and_follow_the_step(model_path):
     tokens, prompt_len = encode_example(prompt, answer, ids, LONG_CONFIG.block_size)
     answer_blocks = len(tokens) // LONG_CONFIG.block_size - prompt_len // LONG_CONFIG.block_size
     assert answer_blocks >= 5 and len(tokens) <= max_length(LONG_CONFIG)
+
+
+def test_a_cached_model_trained_with_other_settings_is_known_stale(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from sglang_entropy_ccd.model import LONG_CONFIG, TrainConfig, trained_with
+
+    assert trained_with(tmp_path) is None  # nothing built there
+    card = tmp_path / "sglang_entropy_model.json"
+    card.write_text(json.dumps({"train_config": asdict(LONG_CONFIG)}))
+    assert trained_with(tmp_path) == LONG_CONFIG
+    older = {k: v for k, v in asdict(TrainConfig()).items() if k not in ("task", "terms")}  # an older card
+    card.write_text(json.dumps({"train_config": {**older, "block_size": 8}}))
+    assert trained_with(tmp_path) == TrainConfig() and trained_with(tmp_path) != LONG_CONFIG
