@@ -75,7 +75,7 @@ def register_commands(commands):
     p.add_argument("--questions", type=int, default=100)
     p.add_argument("--seed", type=int, default=7, help="which held-out problems")
     p.add_argument("--block-size", type=int, help="default: the block size the model was trained with")
-    p.add_argument("--max-new-tokens", type=int, help="default: the model's answer length and one block")
+    p.add_argument("--max-new-tokens", type=int, help="default: up to the model's context length")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.99, 0.9, 0.7, 0.5], help="LowConfidence's")
     p.add_argument("--joint-thresholds", type=float, nargs="+", default=[0.9, 0.5], help="JointThreshold's")
     p.add_argument("--budgets", type=int, nargs="+", default=[1, 2], help="CCD's")

@@ -84,16 +84,16 @@ def run_pareto(args) -> int:
 
     from sglang_entropy.tools.model import model_card
     from sglang_entropy.tools.server import launch
-    from sglang_entropy_ccd.model import LONG_CONFIG, ensure_model, progression_problem, trained_with
+    from sglang_entropy_ccd.model import LONG_CONFIG, ensure_model, max_length, progression_problem, trained_with
 
     model_path = Path(args.model_path or ensure_model(LONG_CONFIG))
     trained = trained_with(model_path) or LONG_CONFIG
-    # the model's own block size and answer length unless asked otherwise
-    args.block_size = args.block_size or trained.block_size
-    args.max_new_tokens = args.max_new_tokens or 5 * trained.terms + args.block_size
-    plan = arms(args)
     rng = random.Random(args.seed)
     problems = [progression_problem(rng, trained.terms) for _ in range(args.questions)]
+    # the model's own block size, and room up to its context length (prompts are 7 tokens)
+    args.block_size = args.block_size or trained.block_size
+    args.max_new_tokens = args.max_new_tokens or max_length(trained) - len(problems[0][0])
+    plan = arms(args)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     servers: dict[str, list[Arm]] = {}
     for arm in plan:
