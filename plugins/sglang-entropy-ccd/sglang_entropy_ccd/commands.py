@@ -48,7 +48,12 @@ def register_commands(commands):
         "train the block-diffusion model for arithmetic progressions (answers over 5 blocks of 16) instead (CPU)",
         _build_long,
     )
-    build.add_argument("--steps", type=int, help="--diffusion, --diffusion-long: training steps (default 4000, 2400)")
+    build.add_argument(
+        "--steps",
+        type=int,
+        help="--diffusion, --diffusion-long: training steps (default 4000, 2400); "
+        "another count builds a separate model (e.g. sdar-progression-600steps)",
+    )
     c = commands.add_bench("ccd", help="diffusion LM: LowConfidence vs CCD vs CCD + early exit: NFE, accuracy, time")
     c.add_argument(
         "--urls", help="four servers, in arm order (LowConfidence, one token per step, CCD, CCD + early exit)"

@@ -297,7 +297,13 @@ def build_model(out_dir: Path, config: TrainConfig = TrainConfig(), tokenizer_pa
 def default_model_dir(config: TrainConfig = TrainConfig()) -> Path:
     from sglang_entropy.tools.model import cache_dir
 
-    return cache_dir() / (LONG_MODEL_DIR_NAME if config.task == "progression" else MODEL_DIR_NAME)
+    name, default_steps = (
+        (LONG_MODEL_DIR_NAME, LONG_CONFIG.steps)
+        if config.task == "progression"
+        else (MODEL_DIR_NAME, TrainConfig.steps)
+    )
+    # a build with other steps (--steps) goes next to the default one, not over it
+    return cache_dir() / (name if config.steps == default_steps else f"{name}-{config.steps}steps")
 
 
 def ensure_model(config: TrainConfig = TrainConfig(), force: bool = False, progress=print) -> Path:

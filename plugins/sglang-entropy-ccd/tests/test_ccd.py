@@ -276,3 +276,13 @@ def test_a_cached_model_trained_with_other_settings_is_known_stale(tmp_path):
     older = {k: v for k, v in asdict(TrainConfig()).items() if k not in ("task", "terms")}  # an older card
     card.write_text(json.dumps({"train_config": {**older, "block_size": 8}}))
     assert trained_with(tmp_path) == TrainConfig() and trained_with(tmp_path) != LONG_CONFIG
+
+
+def test_a_build_with_other_steps_does_not_replace_the_default_model():
+    import dataclasses
+
+    from sglang_entropy_ccd.model import LONG_CONFIG, TrainConfig, default_model_dir
+
+    assert default_model_dir(LONG_CONFIG).name == "sdar-progression"
+    assert default_model_dir(dataclasses.replace(LONG_CONFIG, steps=600)).name == "sdar-progression-600steps"
+    assert default_model_dir(TrainConfig()).name == "sdar-addition"
