@@ -77,6 +77,9 @@ def register_commands(commands):
         "JointThreshold, CCD and CCD + early exit (the progression model)",
     )
     p.add_argument("--model-path", help="diffusion model (default: build-model --diffusion-long's)")
+    p.add_argument(
+        "--model-steps", type=int, help="the progression model trained for this many steps (built if missing)"
+    )
     p.add_argument("--questions", type=int, default=100)
     p.add_argument("--seed", type=int, default=7, help="which held-out problems")
     p.add_argument("--block-size", type=int, help="default: the block size the model was trained with")

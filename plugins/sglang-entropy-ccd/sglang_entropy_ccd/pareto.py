@@ -13,6 +13,7 @@ time could drift between them, and wall time is not reported.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import tempfile
@@ -86,7 +87,8 @@ def run_pareto(args) -> int:
     from sglang_entropy.tools.server import launch
     from sglang_entropy_ccd.model import LONG_CONFIG, ensure_model, max_length, progression_problem, trained_with
 
-    model_path = Path(args.model_path or ensure_model(LONG_CONFIG))
+    config = dataclasses.replace(LONG_CONFIG, steps=args.model_steps) if args.model_steps else LONG_CONFIG
+    model_path = Path(args.model_path or ensure_model(config))
     trained = trained_with(model_path) or LONG_CONFIG
     rng = random.Random(args.seed)
     problems = [progression_problem(rng, trained.terms) for _ in range(args.questions)]
