@@ -150,15 +150,22 @@ def answer_tokens(output_ids: list[int], tokenizer) -> int:
 
 
 def summarize(rows: list[dict], plan: list[Arm]) -> list[dict]:
+    """Per arm: accuracy with its Wilson 95% interval, forwards per token, and the ratio to one
+    token per step."""
+    from scipy.stats import binomtest
+
     summary = []
     for arm in plan:
         mine = [r for r in rows if r["arm"] == arm.label]
         forwards, tokens = sum(r["forwards"] for r in mine), sum(r["tokens"] for r in mine)
+        right = sum(r["correct"] for r in mine)
+        interval = binomtest(right, len(mine)).proportion_ci(method="wilson")
         summary.append(
             {
                 "family": arm.family,
                 "arm": arm.label,
-                "accuracy": sum(r["correct"] for r in mine) / len(mine),
+                "accuracy": right / len(mine),
+                "accuracy_ci": [interval.low, interval.high],
                 "forwards_per_token": forwards / max(1, tokens),
             }
         )
@@ -198,12 +205,13 @@ def targets(summary: list[dict]) -> dict:
 
 def table(summary: list[dict]) -> list[str]:
     lines = [
-        "| arm | accuracy | forwards per generated token | fewer forwards than one token per step |",
+        "| arm | accuracy [95% interval] | forwards per generated token | fewer forwards than one token per step |",
         "|---|---|---|---|",
     ]
     for s in summary:
+        low, high = s["accuracy_ci"]
         lines.append(
-            f"| {s['arm']} | {s['accuracy']:.3f} | {s['forwards_per_token']:.3f} | "
+            f"| {s['arm']} | {s['accuracy']:.3f} [{low:.2f}, {high:.2f}] | {s['forwards_per_token']:.3f} | "
             f"{s['fewer_forwards_than_one_per_step']:.2f}x |"
         )
     return lines
@@ -245,11 +253,16 @@ def write_report(out: Path, meta: dict, summary: list[dict], met: dict, rows: li
     out.with_suffix(".md").write_text("\n".join(text))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for family in FAMILIES:
-        points = sorted((s["forwards_per_token"], s["accuracy"]) for s in summary if s["family"] == family)
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=family)
+        mine = sorted((s for s in summary if s["family"] == family), key=lambda s: s["forwards_per_token"])
+        if mine:
+            x, y = [s["forwards_per_token"] for s in mine], [s["accuracy"] for s in mine]
+            spread = [
+                [s["accuracy"] - s["accuracy_ci"][0] for s in mine],
+                [s["accuracy_ci"][1] - s["accuracy"] for s in mine],
+            ]
+            ax.errorbar(x, y, yerr=spread, marker="o", capsize=3, label=family)
     ax.set_xlabel("model forwards per generated token")
-    ax.set_ylabel("accuracy (exact answer)")
+    ax.set_ylabel("accuracy (exact answer, Wilson 95% interval)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

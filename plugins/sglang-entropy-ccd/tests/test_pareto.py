@@ -53,6 +53,8 @@ def test_targets_are_read_from_the_summary():
     numbers[labels[-1]] = (8, 200, 1000)
     summary = pareto.summarize(rows(numbers), arms)
     assert summary[0]["forwards_per_token"] == 1.1
+    low, high = summary[1]["accuracy_ci"]  # 9 of 10 right
+    assert 0.55 < low < 0.9 < high < 1.0
     met = pareto.targets(summary)
     assert met["4x_fewer_within_1_point"]["met"] and met["4x_fewer_within_1_point"]["best_arm"] == labels[-2]
     assert met["no_more_forwards_than_lowconfidence_at_its_accuracy"]["met"]
