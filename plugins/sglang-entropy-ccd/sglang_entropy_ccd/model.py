@@ -270,8 +270,11 @@ class Trainer:
         (out_dir / "sglang_entropy_model.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
-def build_model(out_dir: Path, config: TrainConfig = TrainConfig(), tokenizer_path=None, progress=print) -> Path:
-    """Train the model and write it to ``out_dir`` (replaced). Returns the folder."""
+def build_model(
+    out_dir: Path, config: TrainConfig = TrainConfig(), tokenizer_path=None, progress=print, eval_problems: int = 300
+) -> Path:
+    """Train the model, measure it on ``eval_problems`` held-out problems and write it to
+    ``out_dir`` (replaced). Returns the folder."""
     from transformers import AutoTokenizer
 
     from sglang_entropy.tools.model import build_default_model, default_model_path
@@ -284,7 +287,7 @@ def build_model(out_dir: Path, config: TrainConfig = TrainConfig(), tokenizer_pa
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     trainer = Trainer(config, tokenizer)
     trainer.train(progress)
-    accuracy = trainer.accuracy()
+    accuracy = trainer.accuracy(eval_problems)
     progress(f"held-out accuracy (one token per step): {accuracy:.3f}")
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
