@@ -157,15 +157,11 @@ def _running(command, env, name: str, timeout: float, progress):
         server = Server(process, f"http://127.0.0.1:{port}", Path(log.name))
         try:
             _wait_ready(server, timeout, progress)
-        except PortTaken:
+        except BaseException as e:
             _stop(process)
             log.close()
-            if attempt + 1 == PORT_ATTEMPTS:
-                raise
-            continue
-        except BaseException:
-            _stop(process)
-            log.close()
+            if isinstance(e, PortTaken) and attempt + 1 < PORT_ATTEMPTS:
+                continue
             raise
         try:
             yield server
