@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from sglang_entropy.registry import make_plugin_manager
@@ -124,7 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
+    # `kill` ends a command as Ctrl-C does: a bench keeps its rows and report, a launched server stops.
+    signal.signal(signal.SIGTERM, _interrupted)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -6,15 +6,40 @@ import argparse
 import shlex
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
+
+PATH_FLAGS = ("--model-path", "--tokenizer", "--data", "--drafters", "--drafter", "--traces-file")
 
 
 def bench_command(name: str) -> str:
     """The ``sglang-entropy bench ...`` command line this process runs, as recorded in results
-    (``sglang-entropy bench NAME`` when the bench was called from Python, not the CLI)."""
+    (``sglang-entropy bench NAME`` when the bench was called from Python, not the CLI). Paths
+    given to ``PATH_FLAGS`` are written as ``<name>`` (their last part): results name models and
+    data by name and checksum, never by a local path."""
     if "bench" not in sys.argv:
         return f"sglang-entropy bench {name}"
-    return "sglang-entropy bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1 :])
+    argv = without_paths(sys.argv[sys.argv.index("bench") + 1 :])
+    return "sglang-entropy bench " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _named(value: str) -> str:
+    return ",".join(f"<{Path(part).name}>" for part in value.split(","))
+
+
+def without_paths(argv: list[str]) -> list[str]:
+    """``argv`` with each value of a ``PATH_FLAGS`` flag replaced by ``<its name>``."""
+    result, after_flag = [], False
+    for arg in argv:
+        flag, equals, value = arg.partition("=")
+        if after_flag:
+            result.append(_named(arg))
+        elif equals and flag in PATH_FLAGS:
+            result.append(f"{flag}={_named(value)}")
+        else:
+            result.append(arg)
+        after_flag = arg in PATH_FLAGS
+    return result
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,11 @@ def model_card(model_path: Path) -> dict:
     }
 
 
+def data_card(path: Path) -> dict:
+    """A data file by name and the sha256 of its bytes, never by a local path."""
+    return {"name": path.name, "sha256": _sha256(path)}
+
+
 @contextmanager
 def _workspace():
     """A temporary folder in the cache, on the file system of the built model, so that the

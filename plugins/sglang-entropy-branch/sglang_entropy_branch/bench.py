@@ -5,102 +5,106 @@ Full sampling runs every question with ``n`` = M traces. EAGer starts one sequen
 question and forks at high top-K entropy, up to M. EAGer-adapt runs the questions of each
 batch as one budget group holding ``adapt_share`` x M sequences per question, which forks
 draw from wherever they are needed (each question still capped at M). Reported: pass@k (any
-sequence right), majority-vote accuracy, generated tokens and wall time.
+sequence right), majority-vote accuracy, generated tokens and wall time. Records go to
+``OUT.rows.jsonl`` as they are done (``sglang_entropy.tools.runner``): the run resumes where it
+stopped.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
+import shlex
 from pathlib import Path
 
 import requests
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from sglang_entropy.tools.commands import bench_command
+from sglang_entropy.tools.runner import (
+    Rows,
+    SettingsDiffer,
+    bench_settings,
+    completeness,
+    rows_path,
+    run_side_by_side,
+    wall_seconds,
+)
 from sglang_entropy_branch.client import majority, sequences
 
+ARMS = ("full sampling", "EAGer", "EAGer-adapt")
+SETTINGS = (
+    "task", "questions", "first", "seed", "max_sequences", "threshold", "adapt_share", "max_new_tokens", "temperature",
+)  # fmt: skip
 
-def _post(url: str, body: dict) -> tuple[list[dict], float]:
-    start = time.perf_counter()
-    response = requests.post(f"{url}/generate", json=body, timeout=3600)
+
+def ask(url: str, arm: str, text: str, args, group: str, in_group: int) -> list[dict]:
+    """One question's outputs in ``arm``; EAGer-adapt's budget is shared by the ``in_group``
+    questions asked with the same ``group``."""
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    if arm == "full sampling":
+        sampling["n"] = args.max_sequences
+    else:
+        eager = {"threshold": args.threshold, "max_sequences": args.max_sequences}
+        if arm == "EAGer-adapt":
+            eager.update(budget_group=group, budget=int(args.adapt_share * args.max_sequences * in_group))
+        sampling["custom_params"] = {"entropy": {"policy": "eager", "params": eager}}
+    response = requests.post(f"{url}/generate", json={"text": text, "sampling_params": sampling}, timeout=3600)
     if response.status_code != 200:
         raise RuntimeError(f"{url}/generate answered {response.status_code}: {response.text[:500]}")
     outputs = response.json()
-    return (outputs if isinstance(outputs, list) else [outputs]), time.perf_counter() - start
-
-
-def run_arm(url, arm, texts, args, group):
-    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
-    eager = {"threshold": args.threshold, "max_sequences": args.max_sequences}
-    if arm == "EAGer-adapt":
-        eager.update(budget_group=group, budget=int(args.adapt_share * args.max_sequences * len(texts)))
-
-    def one(text):
-        if arm == "full sampling":
-            body = {"text": text, "sampling_params": {**sampling, "n": args.max_sequences}}
-        else:
-            entropy = {"policy": "eager", "params": eager}
-            body = {"text": text, "sampling_params": {**sampling, "custom_params": {"entropy": entropy}}}
-        return _post(url, body)[0]
-
-    with ThreadPoolExecutor(len(texts)) as pool:
-        return list(pool.map(one, texts))
+    return outputs if isinstance(outputs, list) else [outputs]
 
 
 def run_branch(args) -> int:
-    from sglang_entropy_prune.bench import arithmetic_questions, chat_prompts, gsm8k_questions
-    from transformers import AutoTokenizer
+    from sglang_entropy_prune.bench import model_and_prompts, questions_for
 
     from sglang_entropy.tools import server as sglang_server
-    from sglang_entropy.tools.model import build_default_model
 
     console = Console()
-    if args.task == "gsm8k":
-        questions = gsm8k_questions(Path(args.data), args.questions, args.seed)
-    else:
-        questions = arithmetic_questions(args.questions, args.seed)
-    model_path = args.model_path or (None if args.url else build_default_model(progress=console.print))
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_path)
-    texts = chat_prompts(tokenizer, questions)
-    arms = ("full sampling", "EAGer", "EAGer-adapt")
-    scores = {arm: [] for arm in arms}
-    seconds = dict.fromkeys(arms, 0.0)
-    launched = sglang_server.server_url(args.url, model_path, ["--entropy-policies", "eager"], progress=console.print)
-    with launched as url, Progress(console=console) as progress:
-        task = progress.add_task("questions", total=len(questions))
-        for start in range(0, len(questions), args.concurrency):
-            chunk = list(range(start, min(start + args.concurrency, len(questions))))
-            shift = (start // args.concurrency) % len(arms)
-            for arm in arms[shift:] + arms[:shift]:
-                begin = time.perf_counter()
-                answers = run_arm(url, arm, [texts[i] for i in chunk], args, uuid.uuid4().hex)
-                seconds[arm] += time.perf_counter() - begin
-                for i, outputs in zip(chunk, answers, strict=True):
-                    scores[arm].append(score(i, questions[i], arm, outputs, tokenizer))
-            progress.advance(task, len(chunk))
-    summary = summarize(arms, scores, seconds, len(questions))
-    command = bench_command("branch")
+    questions = questions_for(args)
+    found = model_and_prompts(args, questions, console)
+    if found is None:
+        return 2
+    model_path, tokenizer_path, tokenizer, texts = found
+    settings = bench_settings("branch", args, SETTINGS, model_path, tokenizer_path)
+    try:
+        rows = Rows(rows_path(args.out), settings)
+    except SettingsDiffer as e:
+        console.print(str(e))
+        return 2
+    complete = True
+    if not args.report_only:
+        flags = ["--entropy-policies", "eager", *shlex.split(args.server_args)]
+        with sglang_server.server_url(args.url, model_path, flags, progress=console.print) as url:
+
+            def answer(arm: str, question: int, group: str, in_group: int) -> dict:
+                outputs = ask(url, arm, texts[question], args, group, in_group)
+                return score(questions[question], arm, outputs, tokenizer)
+
+            complete = run_side_by_side(rows, ARMS, len(questions), args.concurrency, answer, console)
+    records = rows.by_arm(ARMS)
+    if "full sampling" not in records:
+        console.print(f"no question has every arm recorded yet in {rows.path}: nothing to report")
+        return 0 if complete else 130
+    summary = summarize(records, {arm: wall_seconds(items) for arm, items in records.items()})
     meta = {
-        **{k: v for k, v in vars(args).items() if k not in ("func", "command", "model_builders")},
-        "command": command,  # after the arguments: argparse's own "command" is the subcommand's name
+        **settings,
+        "command": bench_command("branch"),
         "date": datetime.date.today().isoformat(),
+        "progress": completeness(records, settings["questions"]),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "records": scores}, indent=2))
-    console.print(summary_table(summary, f"{args.task}: {len(questions)} questions, M = {args.max_sequences}"))
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "records": records}, indent=2))
+    console.print(summary_table(summary, f"{args.task}: {meta['progress']}, M = {args.max_sequences}"))
     write_report(out, meta, summary)
     console.print(f"results written to {out}.md, .json and .png")
-    return 0
+    return 0 if complete else 130
 
 
-def score(index: int, question, arm: str, outputs: list[dict], tokenizer) -> dict:
+def score(question, arm: str, outputs: list[dict], tokenizer) -> dict:
     """One question's record in one arm: its sequences, tokens, pass@k and majority."""
     from sglang_entropy_prune.voting import extract_answer
 
@@ -110,7 +114,6 @@ def score(index: int, question, arm: str, outputs: list[dict], tokenizer) -> dic
     else:
         found = [s.answer for s in sequences(outputs, tokenizer, lambda t, f=fmt: extract_answer(t, f))]
     return {
-        "question": index,
         "sequences": len(outputs),
         "tokens": sum(o["meta_info"]["completion_tokens"] for o in outputs),
         "pass": question.answer in found,
@@ -118,8 +121,9 @@ def score(index: int, question, arm: str, outputs: list[dict], tokenizer) -> dic
     }
 
 
-def summarize(arms, scores: dict[str, list[dict]], seconds: dict[str, float], questions: int) -> list[dict]:
+def summarize(scores: dict[str, list[dict]], seconds: dict[str, float]) -> list[dict]:
     base_tokens = sum(r["tokens"] for r in scores["full sampling"])
+    questions = len(scores["full sampling"])
     return [
         {
             "arm": arm,
@@ -131,7 +135,7 @@ def summarize(arms, scores: dict[str, list[dict]], seconds: dict[str, float], qu
             "seconds": seconds[arm],
             "time_ratio": seconds[arm] / seconds["full sampling"],
         }
-        for arm in arms
+        for arm in scores
     ]
 
 
@@ -163,7 +167,8 @@ def write_report(out: Path, meta: dict, summary: list[dict]) -> None:
         f"# Branch-on-entropy vs full sampling: {meta['task']}",
         "",
         f"Command: `{meta['command']}`  ",
-        f"{meta['questions']} questions; M = {meta['max_sequences']} sequences per question (full sampling: n = M; "
+        f"Model: {meta['model']['name']}; {meta['progress']}; M = {meta['max_sequences']} sequences per question "
+        "(full sampling: n = M; "
         f"EAGer: at most M; EAGer-adapt: at most M, from a pool of {meta['adapt_share']} x M per question shared by "
         f"the {meta['concurrency']} questions of each batch); top-K entropy threshold {meta['threshold']}; "
         f"temperature {meta['temperature']}; at most {meta['max_new_tokens']} new tokens; {meta['date']}.",
@@ -194,6 +199,6 @@ def write_report(out: Path, meta: dict, summary: list[dict]) -> None:
     accuracy_axis.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     accuracy_axis.set_ylabel("accuracy")
     accuracy_axis.legend(loc="upper center", ncol=2)
-    figure.suptitle(f"{meta['task']}: {meta['questions']} questions, M = {meta['max_sequences']}")
+    figure.suptitle(f"{meta['task']}: {meta['progress']}, M = {meta['max_sequences']}")
     figure.tight_layout()
     figure.savefig(out.with_suffix(".png"), dpi=120)

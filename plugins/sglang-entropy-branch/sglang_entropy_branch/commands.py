@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sglang_entropy import hookimpl
 from sglang_entropy.tools.commands import DemoArm
+from sglang_entropy.tools.runner import add_common_flags
 
 
 def _run(args) -> int:
@@ -15,41 +16,28 @@ def _run(args) -> int:
 @hookimpl
 def register_commands(commands):
     b = commands.add_bench("branch", help="full sampling vs EAGer vs EAGer-adapt: pass@k, majority, tokens, time")
-    b.add_argument("--url")
-    b.add_argument("--model-path")
-    b.add_argument("--tokenizer")
-    b.add_argument("--task", choices=("arith", "gsm8k"), default="arith")
-    b.add_argument("--data")
-    b.add_argument("--questions", type=int, default=30)
+    add_common_flags(
+        b, tasks=("arith", "mult", "add2", "gsm8k"), questions=30, out="examples/results/branch", temperature=0.6
+    )
     b.add_argument("--max-sequences", type=int, default=8)
     b.add_argument("--threshold", type=float, default=2.4)
     b.add_argument("--adapt-share", type=float, default=0.5, help="EAGer-adapt budget per question, x max_sequences")
     b.add_argument("--max-new-tokens", type=int, default=64)
-    b.add_argument("--temperature", type=float, default=0.6)
-    b.add_argument("--concurrency", type=int, default=4)
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--out", default="examples/results/branch")
     b.set_defaults(func=_run)
     t = commands.add_bench(
         "tree",
         help="full sampling vs DeepConf-low vs EAGer vs EAGer-adapt vs eager + deepconf trees, on one budget",
     )
-    t.add_argument("--url", help="a running server (with deepconf and eager enabled); default: launch one")
-    t.add_argument("--model-path", help="model to launch (default: the embedded SmolLM2-135M-Instruct)")
-    t.add_argument("--tokenizer", help="with --url: the model's tokenizer (a folder or hub id)")
-    t.add_argument("--task", choices=("mult", "add2", "arith", "gsm8k"), default="mult")
-    t.add_argument("--data", help="--task gsm8k: a GSM8K-shaped JSONL, read in place")
-    t.add_argument("--questions", type=int, default=100)
-    t.add_argument("--seed", type=int, default=0, help="which questions (and the bootstrap's seed)")
+    add_common_flags(t, tasks=("mult", "add2", "arith", "gsm8k"), questions=100, out="examples/results/tree_mult")
     t.add_argument("--budget", type=int, default=8, help="M: sequences per question in every arm")
     t.add_argument("--warmup", type=int, default=2, help="DeepConf warm-up traces (of M) that set the threshold")
     t.add_argument("--window", type=int, default=8, help="group-confidence window, tokens")
     t.add_argument("--eager-threshold", type=float, default=2.0, help="fork where the top-K entropy exceeds this")
     t.add_argument("--adapt-share", type=float, default=0.5, help="budgets: this x the sequences per question")
     t.add_argument("--max-new-tokens", type=int, default=32)
-    t.add_argument("--temperature", type=float, default=0.7)
-    t.add_argument("--concurrency", type=int, default=4, help="questions at a time")
-    t.add_argument("--out", default="examples/results/tree_mult")
+    t.add_argument(
+        "--arms", help="comma-separated arms to run (default: all; full sampling always; more can join the rows later)"
+    )
     t.set_defaults(func=_run_tree)
     commands.add_demo_arm(DemoArm("EAGer tree", "eager", eager_tree))
 

@@ -7,6 +7,8 @@ confidences and votes over all of them; the DeepConf arms run the policy's group
 traces in full, the rest pruned online at the calibrated threshold) and vote over the traces
 that were not stopped. Questions run a few at a time; within each batch of questions every
 arm runs back to back, in rotating order, so the machine's drift hits every arm alike.
+Records go to ``OUT.rows.jsonl`` as they are done (``sglang_entropy.tools.runner``): the run
+resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -14,17 +16,24 @@ from __future__ import annotations
 import datetime
 import json
 import random
-import time
-from concurrent.futures import ThreadPoolExecutor
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from sglang_entropy.tools.commands import bench_command
+from sglang_entropy.tools.runner import (
+    Rows,
+    SettingsDiffer,
+    bench_settings,
+    completeness,
+    rows_path,
+    run_side_by_side,
+    wall_seconds,
+)
 from sglang_entropy_prune.voting import extract_answer, normalize_number, traces_from_outputs, vote
 
 SYSTEM_PROMPTS = {
@@ -66,10 +75,14 @@ def two_digit_addition_questions(count: int, seed: int) -> list[Question]:
 GROUNDS = {"arith": arithmetic_questions, "mult": multiplication_questions, "add2": two_digit_addition_questions}
 
 
-def gsm8k_questions(path: Path, count: int, seed: int) -> list[Question]:
-    """GSM8K-shaped JSONL (``question``, ``answer`` ending in ``#### <number>``), read in place."""
+def gsm8k_questions(path: Path, count: int, seed: int, first: int | None = None) -> list[Question]:
+    """GSM8K-shaped JSONL (``question``, ``answer`` ending in ``#### <number>``), read in place:
+    ``count`` questions from index ``first`` on in the file's order, or a sample seeded by ``seed``."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = random.Random(seed).sample(rows, min(count, len(rows)))
+    if first is None:
+        rows = random.Random(seed).sample(rows, min(count, len(rows)))
+    else:
+        rows = rows[first : first + count]
     return [
         Question(
             SYSTEM_PROMPTS["gsm8k"].format(question=row["question"]),
@@ -78,6 +91,16 @@ def gsm8k_questions(path: Path, count: int, seed: int) -> list[Question]:
         )
         for row in rows
     ]
+
+
+def questions_for(args) -> list[Question]:
+    """The bench's questions: ``--task gsm8k`` from ``--data`` (``--first`` on, or a seeded
+    sample), or a seeded arithmetic ground."""
+    if args.task == "gsm8k":
+        if args.data is None:
+            raise SystemExit("--task gsm8k needs --data PATH (a GSM8K-shaped JSONL)")
+        return gsm8k_questions(Path(args.data), args.questions, args.seed, args.first)
+    return GROUNDS[args.task](args.questions, args.seed)
 
 
 def chat_prompts(tokenizer, questions: list[Question]) -> list[str]:
@@ -115,7 +138,7 @@ def arms(args) -> dict[str, dict | None]:
     }
 
 
-def ask(url: str, text: str, args, params: dict | None) -> tuple[list[dict], float]:
+def ask(url: str, text: str, args, params: dict | None) -> list[dict]:
     entropy = {"return_signals": ["confidence"]}
     if params is not None:
         entropy.update(policy="deepconf", params=params)
@@ -125,12 +148,10 @@ def ask(url: str, text: str, args, params: dict | None) -> tuple[list[dict], flo
         "n": args.budget,
         "custom_params": {"entropy": entropy},
     }
-    start = time.perf_counter()
     response = requests.post(f"{url}/generate", json={"text": text, "sampling_params": sampling}, timeout=3600)
-    seconds = time.perf_counter() - start
     if response.status_code != 200:
         raise RuntimeError(f"{url}/generate answered {response.status_code}: {response.text[:500]}")
-    return response.json(), seconds
+    return response.json()
 
 
 def score(question: Question, outputs: list[dict], window: int) -> dict:
@@ -149,71 +170,51 @@ def score(question: Question, outputs: list[dict], window: int) -> dict:
     }
 
 
+SETTINGS = ("task", "questions", "first", "seed", "budget", "warmup", "window", "max_new_tokens", "temperature")
+
+
 def run_prune(args) -> int:
-    console = Console()
     from sglang_entropy.tools import server as sglang_server
 
-    if args.task == "gsm8k":
-        if args.data is None:
-            console.print("--task gsm8k needs --data PATH (a GSM8K-shaped JSONL)")
-            return 2
-        questions = gsm8k_questions(Path(args.data), args.questions, args.seed)
-    else:
-        questions = arithmetic_questions(args.questions, args.seed)
+    console = Console()
+    questions = questions_for(args)
     found = model_and_prompts(args, questions, console)
     if found is None:
         return 2
     model_path, tokenizer_path, _, texts = found
     plan = arms(args)
-    device = "the server at " + args.url if args.url else ("GPU" if sglang_server.has_gpu() else "CPU (portable_cpu)")
-    records = {arm: [] for arm in plan}
-    seconds = dict.fromkeys(plan, 0.0)
-    launched = sglang_server.server_url(
-        args.url, model_path, ["--entropy-policies", "deepconf"], progress=console.print
-    )
-    with launched as url:
-        run_arms(url, plan, questions, texts, args, records, seconds, console)
+    settings = bench_settings("prune", args, SETTINGS, model_path, tokenizer_path)
+    try:
+        rows = Rows(rows_path(args.out), settings)
+    except SettingsDiffer as e:
+        console.print(str(e))
+        return 2
+    complete = True
+    if not args.report_only:
+        flags = ["--entropy-policies", "deepconf", *shlex.split(args.server_args)]
+        with sglang_server.server_url(args.url, model_path, flags, progress=console.print) as url:
 
-    summary = summarize(records, seconds)
+            def answer(arm: str, question: int, group: str, in_group: int) -> dict:
+                return score(questions[question], ask(url, texts[question], args, plan[arm]), args.window)
+
+            complete = run_side_by_side(rows, list(plan), len(questions), args.concurrency, answer, console)
+    records = rows.by_arm(list(plan))
+    if "full sampling" not in records:
+        console.print(f"no question has every arm recorded yet in {rows.path}: nothing to report")
+        return 0 if complete else 130
+    summary = summarize(records, {arm: wall_seconds(items) for arm, items in records.items()})
+    device = "the server at " + args.url if args.url else ("GPU" if sglang_server.has_gpu() else "CPU (portable_cpu)")
     meta = {
+        **settings,
         "command": bench_command("prune"),
-        "task": args.task,
-        "data": args.data,
         "device": device,
-        "model": str(model_path or tokenizer_path),
-        "questions": len(questions),
-        "budget": args.budget,
-        "warmup": args.warmup,
-        "window": args.window,
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "seed": args.seed,
         "date": datetime.date.today().isoformat(),
+        "progress": completeness(records, settings["questions"]),
     }
     write(Path(args.out), meta, summary, records)
-    console.print(summary_table(summary, f"{args.task}: {len(questions)} questions x {args.budget} traces, {device}"))
+    console.print(summary_table(summary, f"{args.task}: {meta['progress']} x {args.budget} traces, {device}"))
     console.print(f"results written to {args.out}.md, .json and .png")
-    return 0
-
-
-def run_arms(url, plan, questions, texts, args, records, seconds, console) -> None:
-    """Every arm on every question, ``args.concurrency`` questions at a time, the arms' order
-    rotating per chunk so drift of the machine hits them alike."""
-    with Progress(console=console) as progress:
-        task = progress.add_task("questions", total=len(questions))
-        for start in range(0, len(questions), args.concurrency):
-            chunk = list(range(start, min(start + args.concurrency, len(questions))))
-            names = list(plan)
-            shift = (start // args.concurrency) % len(names)
-            for arm in names[shift:] + names[:shift]:
-                begin = time.perf_counter()
-                with ThreadPoolExecutor(len(chunk)) as pool:
-                    params = plan[arm]
-                    answers = list(pool.map(lambda i, p=params: ask(url, texts[i], args, p), chunk))
-                seconds[arm] += time.perf_counter() - begin
-                for i, (outputs, _) in zip(chunk, answers, strict=True):
-                    records[arm].append({"question": i, **score(questions[i], outputs, args.window)})
-            progress.advance(task, len(chunk))
+    return 0 if complete else 130
 
 
 def summary_table(summary: list[dict], title: str) -> Table:
@@ -269,7 +270,7 @@ def write(prefix: Path, meta: dict, summary: list[dict], records: dict) -> None:
         f"# Confidence pruning vs full sampling: {meta['task']}",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Server: {meta['device']}; model {Path(meta['model']).name}; {meta['questions']} questions, "
+        f"Server: {meta['device']}; model {meta['model']['name']}; {meta['progress']}, "
         f"{meta['budget']} traces per question in every arm; DeepConf warm-up {meta['warmup']} traces, "
         f"window {meta['window']} tokens; temperature {meta['temperature']}, at most {meta['max_new_tokens']} "
         f"new tokens; question seed {meta['seed']}; {meta['date']}.",
@@ -307,6 +308,6 @@ def write(prefix: Path, meta: dict, summary: list[dict], records: dict) -> None:
     accuracy_axis.legend(loc="upper center", ncol=3)
     for axis in (tokens_axis, accuracy_axis):
         axis.tick_params(axis="x", labelrotation=15)
-    figure.suptitle(f"{meta['task']}: {meta['questions']} questions x {meta['budget']} traces")
+    figure.suptitle(f"{meta['task']}: {meta['progress']} x {meta['budget']} traces")
     figure.tight_layout()
     figure.savefig(prefix.with_suffix(".png"), dpi=120)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sglang_entropy import hookimpl
 from sglang_entropy.tools.commands import DemoArm
+from sglang_entropy.tools.runner import add_common_flags
 
 
 def _run(args) -> int:
@@ -17,20 +18,13 @@ def register_commands(commands):
     r = commands.add_bench(
         "prune", help="full sampling + voting vs DeepConf online (low, high): tokens, accuracy, time"
     )
-    r.add_argument("--url", help="an SGLang server running the deepconf policy (default: launch the default model)")
-    r.add_argument("--model-path", help="model to launch (default: the embedded SmolLM2-135M-Instruct)")
-    r.add_argument("--tokenizer", help="chat template source with --url (default: --model-path)")
-    r.add_argument("--task", choices=("arith", "gsm8k"), default="arith")
-    r.add_argument("--data", help="GSM8K-shaped JSONL for --task gsm8k")
-    r.add_argument("--questions", type=int, default=30)
+    add_common_flags(
+        r, tasks=("arith", "mult", "add2", "gsm8k"), questions=30, out="examples/results/prune", concurrency=2
+    )
     r.add_argument("--budget", type=int, default=32, help="traces per question, the same in every arm")
     r.add_argument("--warmup", type=int, default=16, help="DeepConf warm-up traces")
     r.add_argument("--window", type=int, default=2048, help="DeepConf group-confidence window (tokens)")
     r.add_argument("--max-new-tokens", type=int, default=256)
-    r.add_argument("--temperature", type=float, default=0.7)
-    r.add_argument("--concurrency", type=int, default=2, help="questions in flight at once")
-    r.add_argument("--seed", type=int, default=0, help="which questions")
-    r.add_argument("--out", default="examples/results/prune", help="path prefix of the .md, .json and .png results")
     r.set_defaults(func=_run)
     commands.add_demo_arm(DemoArm("DeepConf-low", "deepconf", deepconf_low))
 

@@ -118,6 +118,12 @@ def vote(
         answer = None if trace.stopped_early else extract_answer(trace.text, answer_format)
         if answer is not None:
             ballots.append((answer, lowest_group_confidence(trace.confidences, window)))
+    return ballot_vote(ballots, eta)
+
+
+def ballot_vote(ballots: Sequence[tuple[str, float]], eta: float = 10) -> VoteResult:
+    """``vote`` over (answer, weight) ballots that are already read: majority, weighted, and
+    weighted over the top-``eta``% by weight (DeepConf offline keeps 10% or 90%)."""
     if not ballots:
         return VoteResult(None, None, None, 0.0, 0)
     counts: dict[str, int] = defaultdict(int)
