@@ -32,7 +32,7 @@ from sglang_entropy_prune.bench import SYSTEM_PROMPTS, model_and_prompts, questi
 from sglang_entropy_prune.voting import extract_answer, lowest_group_confidence
 
 from sglang_entropy.tools import server as sglang_server
-from sglang_entropy.tools.commands import without_paths
+from sglang_entropy.tools.commands import command_line, without_paths
 from sglang_entropy.tools.model import cache_dir, data_card, model_card
 
 LIMITS = (384, 512, 640, 768, 896, 1024)
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     traces = collect(bench_args, Path(args.traces_file))
     chosen = choose(traces, args.traces)
     meta = {
-        "command": "python examples/gsm8k_settings.py " + " ".join(without_paths(sys.argv[1:])),
+        "command": "python examples/gsm8k_settings.py " + command_line(without_paths(sys.argv[1:])),
         "model": model_card(Path(args.model_path)),
         "data": data_card(Path(args.data)),
         "items": [args.first, args.first + args.questions - 1],

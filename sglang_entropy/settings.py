@@ -154,7 +154,7 @@ class ServerSettings:
         return cls(
             enabled=enabled,
             allowed_policies=tuple(n.strip() for n in allowed.split(",") if n.strip()) if allowed else None,
-            config=load_config(config_path) if config_path else ServerConfig(),
+            config=load_config(config_path, ENV_CONFIG) if config_path else ServerConfig(),
             drafters=parse_drafters(environ.get(ENV_DRAFTERS, "")),
             dllm_algorithm=environ.get(ENV_DLLM) or None,
         )
@@ -408,17 +408,23 @@ def check_fields(model: type[BaseModel], values: dict, where: str, error: type[V
             raise error(describe_errors(e, f"{where}.{name}")) from None
 
 
-def load_config(path: str | Path) -> ServerConfig:
+def load_config(path: str | Path, source: str = "--entropy-config") -> ServerConfig:
+    """The config file at ``path``; a problem raises ValueError with one line: the source that
+    named the file (the flag or ``SGLANG_ENTROPY_CONFIG``), the file, the key, what is wrong."""
     path = Path(path)
+    where = f"{source} {path}" if source.startswith("--") else f"{source}={path}"
     try:
         text = path.read_text()
     except OSError as e:
-        raise ValueError(f"--entropy-config {path}: {e.strerror}") from None
+        raise ValueError(f"{where}: {e.strerror}") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{where}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
+    try:
         return ServerConfig.model_validate(data)
-    except (ValueError, ValidationError) as e:
-        raise ValueError(f"--entropy-config {path}: {e}") from None
+    except ValidationError as e:
+        raise ValueError(f"{where}: {describe_errors(e, '')}") from None
 
 
 def describe_errors(error: ValidationError, prefix: str) -> str:
@@ -426,7 +432,7 @@ def describe_errors(error: ValidationError, prefix: str) -> str:
     parts = []
     problems = error.errors(include_url=False, include_input=False)
     for item in problems[:MAX_PROBLEMS]:
-        location = ".".join(str(p) for p in (prefix, *item["loc"]))
+        location = ".".join(str(p) for p in (prefix, *item["loc"]) if p != "")
         if len(location) > MAX_LOCATION:
             location = location[:MAX_LOCATION] + "..."
         parts.append(f"{location}: {item['msg']}")

@@ -39,7 +39,7 @@ def unresolved(target: str, hook_type: HookType) -> str | None:
 
 def collected_hooks() -> list[tuple[str, str, object, HookType]]:
     """(where it is registered, target, hook, hook type) of every HookRegistry registration."""
-    from sglang_entropy.adapter import LAUNCH_HOOK
+    from sglang_entropy.adapter.activation import LAUNCH_HOOK
     from sglang_entropy.adapter.flags import add_flags
     from sglang_entropy.adapter.frontend import serving
     from sglang_entropy.adapter.scheduler import dllm, drafters, speculative
@@ -53,7 +53,7 @@ def collected_hooks() -> list[tuple[str, str, object, HookType]]:
     ]
     hooks.append(("sglang_entropy.adapter.scheduler.dllm.ALGORITHM_HOOK", *dllm.ALGORITHM_HOOK))
     hooks.append(("sglang_entropy.adapter.scheduler.drafters.HOOK", *drafters.HOOK))
-    hooks.append(("sglang_entropy.adapter.LAUNCH_HOOK", *LAUNCH_HOOK))
+    hooks.append(("sglang_entropy.adapter.activation.LAUNCH_HOOK", *LAUNCH_HOOK))
     # Registered inside sglang_entropy.adapter.load(), which has no module-level list of it.
     hooks.append(
         ("sglang_entropy.adapter.load", "sglang.srt.server_args.ServerArgs.add_cli_args", add_flags, HookType.AFTER)
@@ -112,13 +112,14 @@ def test_the_collected_hooks_are_exactly_the_ones_registered(monkeypatch):
     from sglang.srt.layers.attention import attention_registry
 
     import sglang_entropy.adapter as adapter
+    from sglang_entropy.adapter import activation
     from sglang_entropy.platform import spec_kernels
     from sglang_entropy.platform.portable_cpu import PortableCpuPlatform
     from sglang_entropy.settings import ENV_ENABLE
 
     monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list))
     monkeypatch.setattr(HookRegistry, "apply_hooks", classmethod(lambda cls: None))
-    monkeypatch.setattr(adapter, "_activated", False)
+    monkeypatch.setattr(activation, "_activated", False)
     monkeypatch.setattr(adapter, "checked_settings", lambda: type("Enabled", (), {"enabled": True})())
     monkeypatch.setenv(ENV_ENABLE, "0")  # activate() sets it; restored afterwards
     monkeypatch.setattr(spec_kernels, "_installed", False)

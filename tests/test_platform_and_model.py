@@ -23,10 +23,11 @@ def test_adapter_registers_nothing_but_its_flags_when_disabled(monkeypatch):
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     import sglang_entropy.adapter as adapter
+    from sglang_entropy.adapter import activation
 
     monkeypatch.delenv("SGLANG_ENTROPY_ENABLE", raising=False)
     monkeypatch.setattr(HookRegistry, "_hooks", type(HookRegistry._hooks)(list))
-    monkeypatch.setattr(adapter, "_activated", False)
+    monkeypatch.setattr(activation, "_activated", False)
     adapter.load()
     assert list(HookRegistry._hooks) == ["sglang.srt.server_args.ServerArgs.add_cli_args"]
 

@@ -340,6 +340,14 @@ def test_a_bad_configuration_stops_the_launch_before_the_model_loads(model_path,
     # enabled by the environment, without any flag
     code, last = launch_fails(model_path, [], {"SGLANG_ENTROPY_ENABLE": "1", "SGLANG_ENTROPY_CONFIG": str(bad)})
     assert code != 0 and "policies.deepconf.threshold" in last, last
+    misspelt = tmp_path / "misspelt.toml"
+    misspelt.write_text("[signals]\nwindow_sise = 4\n")
+    code, last = launch_fails(model_path, [], {"SGLANG_ENTROPY_ENABLE": "1", "SGLANG_ENTROPY_CONFIG": str(misspelt)})
+    assert (
+        code == 1
+        and last
+        == f"sglang-entropy: SGLANG_ENTROPY_CONFIG={misspelt}: signals.window_sise: Extra inputs are not permitted"
+    ), last
     code, last = launch_fails(model_path, ["--enable-entropy", "--entropy-policies", "deepconf,no-such-policy"])
     assert code != 0 and "no-such-policy" in last, last
     # a decode policy named for a server that runs no decode steps

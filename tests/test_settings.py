@@ -102,6 +102,21 @@ def test_bad_config_file_is_a_clear_error(tmp_path):
         load_config(tmp_path / "missing.json")
 
 
+def test_a_bad_config_names_its_source_file_and_key_in_one_line(tmp_path):
+    path = tmp_path / "entropy.toml"
+    path.write_text("[signals]\nwindow_sise = 4\n")
+    reason = "signals.window_sise: Extra inputs are not permitted"
+    with pytest.raises(ValueError) as flag:
+        load_config(path)
+    assert str(flag.value) == f"--entropy-config {path}: {reason}"
+    with pytest.raises(ValueError) as environment:
+        ServerSettings.from_env({"SGLANG_ENTROPY_ENABLE": "1", "SGLANG_ENTROPY_CONFIG": str(path)})
+    assert str(environment.value) == f"SGLANG_ENTROPY_CONFIG={path}: {reason}"
+    path.write_text("[signals\n")
+    with pytest.raises(ValueError, match=r"^--entropy-config .*: not valid TOML: .*$"):
+        load_config(path)
+
+
 def test_unknown_policy_at_launch_is_a_clear_error():
     with pytest.raises(ValueError, match="not installed"):
         settings(SGLANG_ENTROPY_POLICIES="deepconf,missing").enabled_policies(installed_policies())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from sglang_entropy.adapter.activation import activate
 from sglang_entropy.settings import (
     ENV_CONFIG,
     ENV_DRAFTERS,
@@ -22,8 +23,6 @@ from sglang_entropy.settings import (
 
 class _EnableAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
-        from sglang_entropy.adapter import activate
-
         activate()
 
 
@@ -57,8 +56,6 @@ def _config_or_error(parser, path: str) -> ServerConfig:
 
 class _DraftersAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
-        from sglang_entropy.adapter import activate
-
         drafters = parse_drafters(values)
         if len(drafters) < 2:
             parser.error(f"--entropy-drafters needs two or more comma-separated model paths (got {values!r})")

@@ -23,7 +23,7 @@ from rich.table import Table
 from sglang_entropy.signals import SIGNAL_NAMES
 from sglang_entropy.tools import server as sglang_server
 from sglang_entropy.tools.commands import bench_command
-from sglang_entropy.tools.model import build_default_model
+from sglang_entropy.tools.model import build_default_model, card_text, model_card
 
 QUESTIONS = (
     "Tell me about the history of Rome.",
@@ -91,7 +91,7 @@ def run_overhead(args) -> int:
     meta = {
         "command": command,
         "device": device,
-        "model": str(model_path),
+        "model": model_card(Path(model_path)),
         "new_tokens": args.new_tokens,
         "rounds": args.rounds,
         "date": datetime.date.today().isoformat(),
@@ -124,7 +124,7 @@ def write_results(prefix: Path, meta: dict, results: list[dict]) -> None:
         "# Adapter overhead: decode throughput, side by side in one run",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Device: {meta['device']} ({meta['machine']}); model: SmolLM2-135M-Instruct; "
+        f"Device: {meta['device']} ({meta['machine']}); model: {card_text(meta['model'])}; "
         f"{meta['new_tokens']} new tokens per request (ignore_eos, temperature 0.7); "
         f"{meta['rounds']} rounds, each running every arm back to back (order alternating); "
         "ratio = median over rounds of the arm's throughput over the disabled server's in that round; "

@@ -9,7 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-PATH_FLAGS = ("--model-path", "--tokenizer", "--data", "--drafters", "--drafter", "--traces-file")
+PATH_FLAGS = (
+    "--model-path",
+    "--tokenizer",
+    "--data",
+    "--drafters",
+    "--drafter",
+    "--traces-file",
+    "--speculative-draft-model-path",
+    "--entropy-drafters",
+)
 
 
 def bench_command(name: str) -> str:
@@ -19,8 +28,12 @@ def bench_command(name: str) -> str:
     data by name and checksum, never by a local path."""
     if "bench" not in sys.argv:
         return f"sglang-entropy bench {name}"
-    argv = without_paths(sys.argv[sys.argv.index("bench") + 1 :])
-    return "sglang-entropy bench " + " ".join(shlex.quote(a) for a in argv)
+    return "sglang-entropy bench " + command_line(without_paths(sys.argv[sys.argv.index("bench") + 1 :]))
+
+
+def command_line(argv: list[str]) -> str:
+    """``argv`` quoted for a shell, but for the ``<name>`` placeholders of ``without_paths``."""
+    return " ".join(a if a.startswith("<") or "=<" in a else shlex.quote(a) for a in argv)
 
 
 def _named(value: str) -> str:

@@ -63,6 +63,12 @@ def model_card(model_path: Path) -> dict:
     }
 
 
+def card_text(card: dict) -> str:
+    """A model or data card as a report names it: ``NAME (sha256 0123abcd...)``."""
+    sha = card.get("sha256")
+    return f"{card['name']} (sha256 {sha[:16]}...)" if sha else f"{card['name']} (sha256 not recorded)"
+
+
 def data_card(path: Path) -> dict:
     """A data file by name and the sha256 of its bytes, never by a local path."""
     return {"name": path.name, "sha256": _sha256(path)}

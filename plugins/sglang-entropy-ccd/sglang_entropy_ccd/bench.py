@@ -23,6 +23,7 @@ import requests
 import yaml
 
 from sglang_entropy.tools.commands import bench_command
+from sglang_entropy.tools.model import card_text, model_card
 from sglang_entropy_ccd.model import addition_problem, ensure_model
 
 
@@ -109,7 +110,7 @@ def run_ccd(args) -> int:
                 )
     summary = summarize(rows, [a[0] for a in arms])
     command = bench_command("ccd")
-    meta = {"command": command, "model": str(model_path), "arms": arms, "questions": args.questions}
+    meta = {"command": command, "model": model_card(Path(model_path)), "arms": arms, "questions": args.questions}
     write_report(Path(args.out), meta, summary, rows)
     for line in table(summary):
         print(line)
@@ -169,7 +170,8 @@ def write_report(out: Path, meta: dict, summary: list[dict], rows: list[dict]) -
         "",
         f"Command: `{meta['command']}`",
         "",
-        f"Model: `{meta['model']}`; {meta['questions']} questions, greedy, each question sent to every arm in turn.",
+        f"Model: {card_text(meta['model'])}; {meta['questions']} questions, greedy, each question sent to every arm "
+        "in turn.",
         "",
         *table(summary),
         "",

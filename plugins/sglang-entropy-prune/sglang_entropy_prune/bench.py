@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sglang_entropy.tools.commands import bench_command
+from sglang_entropy.tools.model import card_text
 from sglang_entropy.tools.runner import (
     Rows,
     SettingsDiffer,
@@ -270,7 +271,9 @@ def write(prefix: Path, meta: dict, summary: list[dict], records: dict) -> None:
         f"# Confidence pruning vs full sampling: {meta['task']}",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Server: {meta['device']}; model {meta['model']['name']}; {meta['progress']}, "
+        f"Server: {meta['device']}; model {card_text(meta['model'])}; "
+        + (f"data {card_text(meta['data'])}; " if meta.get("data") else "")
+        + f"{meta['progress']}, "
         f"{meta['budget']} traces per question in every arm; DeepConf warm-up {meta['warmup']} traces, "
         f"window {meta['window']} tokens; temperature {meta['temperature']}, at most {meta['max_new_tokens']} "
         f"new tokens; question seed {meta['seed']}; {meta['date']}.",

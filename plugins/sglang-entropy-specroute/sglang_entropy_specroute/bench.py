@@ -24,7 +24,8 @@ from pathlib import Path
 
 import requests
 
-from sglang_entropy.tools.commands import bench_command
+from sglang_entropy.tools.commands import bench_command, without_paths
+from sglang_entropy.tools.model import card_text, model_card
 from sglang_entropy.tools.server import standalone_args
 from sglang_entropy_specroute.drafters import DOMAINS, default_drafters_dir, domain_prompts, prompt_ids
 
@@ -114,9 +115,9 @@ def run_taps(args) -> int:
     command = bench_command("taps")
     meta = {
         "command": command,
-        "target": str(target),
-        "drafters": [str(d) for d in drafters],
-        "arms": arm_list,
+        "target": model_card(target),
+        "drafters": [model_card(d) for d in drafters],
+        "arms": [(name, without_paths(flags)) for name, flags in arm_list],
         "prompts_per_domain": args.prompts,
         "max_new_tokens": args.max_new_tokens,
         "greedy_outputs_identical_to_target": identical_outputs(rows),
@@ -190,7 +191,7 @@ def write_report(out: Path, meta: dict, summary: list[dict], rows: list[dict]) -
         "",
         f"Command: `{meta['command']}`",
         "",
-        f"Target `{meta['target']}`; drafters {', '.join(f'`{d}`' for d in meta['drafters'])}. "
+        f"Target {card_text(meta['target'])}; drafters {', '.join(card_text(d) for d in meta['drafters'])}. "
         f"{meta['prompts_per_domain']} held-out prompts per domain, greedy, at most {meta['max_new_tokens']} "
         "new tokens, one request at a time, each prompt sent to every arm in turn.",
         "",

@@ -92,8 +92,8 @@ def test_report_writes_markdown_json_and_plot(tmp_path):
     summary = bench.summarize(rows, labels, ["math", "chat"])
     meta = {
         "command": "sglang-entropy bench taps --prompts 1",
-        "target": "t",
-        "drafters": ["/d/math", "/d/chat"],
+        "target": {"name": "t", "sha256": "ab" * 32},
+        "drafters": [{"name": "math", "sha256": "cd" * 32}, {"name": "chat", "sha256": None}],
         "prompts_per_domain": 1,
         "max_new_tokens": 16,
         "greedy_outputs_identical_to_target": bench.identical_outputs(rows),
@@ -102,6 +102,7 @@ def test_report_writes_markdown_json_and_plot(tmp_path):
     bench.write_report(out, meta, summary, rows)
     text = out.with_suffix(".md").read_text()
     assert "`sglang-entropy bench taps --prompts 1`" in text
+    assert "Target t (sha256 abababababababab...); drafters math (sha256 cdcdcdcdcdcdcdcd...), chat (sha256 not" in text
     assert "| mixed | taps routing | 2.00 | 1.67x | math 44%, chat 56% |" in text
     assert out.with_suffix(".png").stat().st_size > 0
     assert len(json.loads(out.with_suffix(".json").read_text())["rows"]) == len(rows)
