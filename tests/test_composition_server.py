@@ -8,7 +8,7 @@ import pytest
 import requests
 from sglang_entropy_branch.client import whole
 
-from tests.server_state import abort_once_branched, delta, entropy_state, scrape, used_tokens
+from sglang_entropy.testing import abort_once_branched, delta, entropy_state, scrape, used_tokens
 
 pytestmark = pytest.mark.server
 

@@ -5,7 +5,7 @@ config sets deepconf's window to 8 tokens)."""
 import pytest
 import requests
 
-from tests.server_state import delta, scrape
+from sglang_entropy.testing import delta, scrape
 
 pytestmark = pytest.mark.server
 WINDOW = 8

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sglang_entropy.registry import installed_policies
+from sglang_entropy.testing import entropy_state, used_tokens
 from sglang_entropy.tools import server as sglang_server
-from tests.server_state import entropy_state, used_tokens
 
 pytestmark = pytest.mark.server
 WINDOW = 8

@@ -11,7 +11,7 @@ import openai
 import pytest
 import requests
 
-from tests import reference
+from sglang_entropy.testing import reference
 
 pytestmark = pytest.mark.server
 

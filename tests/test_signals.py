@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from sglang_entropy.signals import MAX_TOP_K, GroupConfidenceWindows, Workspace, token_signals
-from tests import reference
+from sglang_entropy.testing import reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -11,7 +11,7 @@ import requests
 from sglang_entropy_branch import client as branch_client
 from sglang_entropy_prune.voting import lowest_group_confidence
 
-from tests import reference
+from sglang_entropy.testing import reference
 
 pytestmark = pytest.mark.server
 WINDOW = 8  # deepconf's window on the session's server

@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from sglang_entropy.testing import entropy_state, used_tokens
 from sglang_entropy.tools import server as sglang_server
-from tests.server_state import entropy_state, used_tokens
 
 pytestmark = pytest.mark.server
 

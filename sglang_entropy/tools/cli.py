@@ -132,6 +132,12 @@ def _interrupted(signum, frame):
 def main(argv=None) -> int:
     # `kill` ends a command as Ctrl-C does: a bench keeps its rows and report, a launched server stops.
     signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        import matplotlib  # noqa: F401
+        import rich  # noqa: F401
+    except ImportError as e:
+        needs = f"the sglang-entropy command needs its tools ({e.name})"
+        raise SystemExit(f"{needs}: pip install 'sglang-entropy[tools]'") from None
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -5,7 +5,7 @@ import uuid
 import pytest
 import requests
 
-from tests.server_state import abort_once_branched, entropy_state, used_tokens
+from sglang_entropy.testing import abort_once_branched, entropy_state, generate, used_tokens
 
 pytestmark = pytest.mark.server
 
@@ -18,20 +18,10 @@ def question(tokenizer):
 
 
 def eager(server, text, params, rid=None, **sampling):
-    body = {
-        "text": text,
-        "sampling_params": {
-            "max_new_tokens": 24,
-            "temperature": 0.7,
-            "custom_params": {"entropy": {"policy": "eager", "params": params, "return_signals": ["topk_entropy"]}},
-            **sampling,
-        },
-    }
-    if rid is not None:
-        body["rid"] = rid
-    response = requests.post(f"{server.url}/generate", json=body, timeout=900)
-    assert response.status_code == 200, response.text
-    return response.json()
+    entropy = {"policy": "eager", "params": params, "return_signals": ["topk_entropy"]}
+    return generate(
+        server, text, entropy, rid=rid, timeout=900, **{"max_new_tokens": 24, "temperature": 0.7, **sampling}
+    )
 
 
 def test_branches_fork_where_topk_entropy_exceeds_the_threshold(entropy_server, question):

@@ -9,8 +9,8 @@ import yaml
 from ccd_reference import check_trace
 from sglang_entropy_ccd.model import addition_problem, ensure_model
 
+from sglang_entropy.testing import delta, generate, scrape
 from sglang_entropy.tools import server as sglang_server
-from tests.server_state import delta, scrape
 
 pytestmark = pytest.mark.server
 
@@ -45,12 +45,7 @@ def lowconfidence_server(dllm_model, tmp_path_factory):
 
 
 def _generate(url, prompt, trace=False):
-    params = {"max_new_tokens": 16, "temperature": 0}
-    if trace:
-        params["custom_params"] = {"entropy": {"dllm_trace": True}}
-    response = requests.post(f"{url}/generate", json={"text": prompt, "sampling_params": params}, timeout=300)
-    assert response.status_code == 200, response.text
-    return response.json()
+    return generate(url, prompt, {"dllm_trace": True} if trace else None, timeout=300, max_new_tokens=16, temperature=0)
 
 
 def _problems(seed, count):

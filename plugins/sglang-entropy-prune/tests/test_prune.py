@@ -18,8 +18,8 @@ from sglang_entropy_prune.voting import (
     vote,
 )
 
+from sglang_entropy.testing import reference
 from sglang_entropy.types import DecodeStep, TraceGroup, TraceSummary
-from tests import reference
 
 confidences = st.lists(st.floats(0, 20, allow_nan=False), min_size=1, max_size=80)
 

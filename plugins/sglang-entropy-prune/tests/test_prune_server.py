@@ -15,8 +15,7 @@ import requests
 from sglang_entropy_prune.voting import lowest_group_confidence, traces_from_outputs, vote
 from test_prune import echo_reference
 
-from tests import reference
-from tests.server_state import entropy_state, used_tokens
+from sglang_entropy.testing import entropy_state, generate, reference, used_tokens
 
 pytestmark = pytest.mark.server
 WINDOW = 8
@@ -30,21 +29,9 @@ def question(tokenizer):
 
 
 def deepconf_group(server, text, params, n, max_new_tokens=40, rid=None, **sampling):
-    body = {
-        "text": text,
-        "sampling_params": {
-            "max_new_tokens": max_new_tokens,
-            "temperature": 1.0,
-            "n": n,
-            "custom_params": {"entropy": {"policy": "deepconf", "params": params, "return_signals": ["confidence"]}},
-            **sampling,
-        },
-    }
-    if rid is not None:
-        body["rid"] = rid
-    response = requests.post(f"{server.url}/generate", json=body, timeout=900)
-    assert response.status_code == 200, response.text
-    return response.json()
+    entropy = {"policy": "deepconf", "params": params, "return_signals": ["confidence"]}
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": 1.0, "n": n, **sampling}
+    return generate(server, text, entropy, rid=rid, timeout=900, **sampling)
 
 
 def assert_first_crossing(meta, threshold):

@@ -8,8 +8,8 @@ routing: whichever chain is verified, the committed tokens are the target's argm
 import pytest
 import requests
 
+from sglang_entropy.testing import delta, scrape
 from sglang_entropy.tools import server as sglang_server
-from tests.server_state import delta, scrape
 
 pytestmark = pytest.mark.server
 

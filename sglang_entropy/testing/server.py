@@ -8,6 +8,23 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 
+def _url(server) -> str:
+    return server if isinstance(server, str) else server.url
+
+
+def generate(server, text, entropy: dict | None = None, rid: str | None = None, timeout: float = 600, **sampling):
+    """``POST /generate`` with ``text`` (a prompt or a list of them), the sampling parameters,
+    ``custom_params.entropy`` and ``rid`` when given; the JSON answer. Raises on any status but
+    200, with the server's reason. ``server`` is a launched ``Server`` or a URL."""
+    if entropy is not None:
+        sampling["custom_params"] = {"entropy": entropy}
+    body = {"text": text, "sampling_params": sampling, **({"rid": rid} if rid is not None else {})}
+    response = requests.post(f"{_url(server)}/generate", json=body, timeout=timeout)
+    if response.status_code != 200:
+        raise AssertionError(f"/generate answered {response.status_code}: {response.text[:1000]}")
+    return response.json()
+
+
 def entropy_state(server):
     """The adapter's live state (``/get_server_info``, first scheduler)."""
     info = requests.get(f"{server.url}/get_server_info", timeout=60).json()
