@@ -36,7 +36,9 @@ def register_commands(commands):
     t.add_argument("--adapt-share", type=float, default=0.5, help="budgets: this x the sequences per question")
     t.add_argument("--max-new-tokens", type=int, default=32)
     t.add_argument(
-        "--arms", help="comma-separated arms to run (default: all; full sampling always; more can join the rows later)"
+        "--arms",
+        help="comma-separated arms to run, of full, deepconf-low, deepconf-high, eager, eager-adapt, tree, "
+        "tree-budget (default: all; full always; more can join the same rows later)",
     )
     t.set_defaults(func=_run_tree)
     commands.add_demo_arm(DemoArm("EAGer tree", "eager", eager_tree))

@@ -56,6 +56,9 @@ ARMS = (
     "tree + DeepConf",
     "tree + DeepConf, budget",
 )
+ARM_KEYS = dict(
+    zip(("full", "deepconf-low", "deepconf-high", "eager", "eager-adapt", "tree", "tree-budget"), ARMS, strict=True)
+)  # --arms names them by these keys
 OFFLINE = {"DeepConf offline (top 10%)": 10, "DeepConf offline (top 90%)": 90}  # read from full sampling's traces
 PERCENTILES = {"DeepConf-low": 90, "DeepConf-high": 10}
 METRICS = ("majority", "weighted", "pass_at_k", "trace_accuracy")
@@ -389,13 +392,13 @@ def targets(summary: list[dict]) -> dict[str, dict]:
 def chosen_arms(args) -> list[str]:
     if not args.arms:
         return list(ARMS)
-    arms = [a.strip() for a in args.arms.split(",")]
-    unknown = [a for a in arms if a not in ARMS]
+    keys = [k.strip() for k in args.arms.split(",")]
+    unknown = [k for k in keys if k not in ARM_KEYS]
     if unknown:
-        raise SystemExit(f"--arms: unknown {unknown}; the arms are {list(ARMS)} (DeepConf offline comes with full)")
-    if "full sampling" not in arms:
-        raise SystemExit("--arms must include 'full sampling': every ratio is to it")
-    return [a for a in ARMS if a in arms]
+        raise SystemExit(f"--arms: unknown {unknown}; the arms are {list(ARM_KEYS)} (DeepConf offline comes with full)")
+    if "full" not in keys:
+        raise SystemExit("--arms must include 'full' (full sampling): every ratio is to it")
+    return [arm for key, arm in ARM_KEYS.items() if key in keys]
 
 
 SETTINGS = (
