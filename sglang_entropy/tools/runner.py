@@ -169,6 +169,40 @@ def bench_settings(bench: str, args, keys: Sequence[str], model_path, tokenizer_
     }
 
 
+def open_rows(bench: str, args, keys: Sequence[str], model_path, tokenizer_path, console) -> Rows | None:
+    """The run's rows under ``bench_settings``; None, after saying why, when the rows file was
+    written with other settings."""
+    try:
+        return Rows(rows_path(args.out), bench_settings(bench, args, keys, model_path, tokenizer_path))
+    except SettingsDiffer as e:
+        console.print(str(e))
+        return None
+
+
+def run_on_server(rows: Rows, arms: Sequence[str], questions: int, args, model_path, policies: str, answerer, console):
+    """Unless ``--report-only``: reach ``--url`` or launch a server with ``policies`` enabled and
+    ``--server-args``, and ``run_side_by_side`` with ``answerer(url)`` as the ask. Returns False
+    when interrupted."""
+    import shlex
+
+    from sglang_entropy.tools import server as sglang_server
+
+    if args.report_only:
+        return True
+    flags = ["--entropy-policies", policies, *shlex.split(args.server_args)]
+    with sglang_server.server_url(args.url, model_path, flags, progress=console.print) as url:
+        return run_side_by_side(rows, arms, questions, args.concurrency, answerer(url), console)
+
+
+def reportable(rows: Rows, arms: Sequence[str], console) -> dict[str, list[dict]] | None:
+    """``rows.by_arm(arms)``; None, after saying so, while no question has full sampling and every other arm."""
+    records = rows.by_arm(arms)
+    if "full sampling" not in records:
+        console.print(f"no question has every arm recorded yet in {rows.path}: nothing to report")
+        return None
+    return records
+
+
 def add_common_flags(
     parser: argparse.ArgumentParser,
     *,

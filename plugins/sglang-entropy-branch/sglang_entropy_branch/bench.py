@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import shlex
 from pathlib import Path
 
 import requests
@@ -22,15 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sglang_entropy.tools.commands import bench_command
-from sglang_entropy.tools.runner import (
-    Rows,
-    SettingsDiffer,
-    bench_settings,
-    completeness,
-    rows_path,
-    run_side_by_side,
-    wall_seconds,
-)
+from sglang_entropy.tools.runner import completeness, open_rows, reportable, run_on_server, wall_seconds
 from sglang_entropy_branch.client import majority, sequences
 
 ARMS = ("full sampling", "EAGer", "EAGer-adapt")
@@ -60,33 +51,26 @@ def ask(url: str, arm: str, text: str, args, group: str, in_group: int) -> list[
 def run_branch(args) -> int:
     from sglang_entropy_prune.bench import model_and_prompts, questions_for
 
-    from sglang_entropy.tools import server as sglang_server
-
     console = Console()
     questions = questions_for(args)
     found = model_and_prompts(args, questions, console)
     if found is None:
         return 2
     model_path, tokenizer_path, tokenizer, texts = found
-    settings = bench_settings("branch", args, SETTINGS, model_path, tokenizer_path)
-    try:
-        rows = Rows(rows_path(args.out), settings)
-    except SettingsDiffer as e:
-        console.print(str(e))
+    rows = open_rows("branch", args, SETTINGS, model_path, tokenizer_path, console)
+    if rows is None:
         return 2
-    complete = True
-    if not args.report_only:
-        flags = ["--entropy-policies", "eager", *shlex.split(args.server_args)]
-        with sglang_server.server_url(args.url, model_path, flags, progress=console.print) as url:
+    settings = rows.settings
 
-            def answer(arm: str, question: int, group: str, in_group: int) -> dict:
-                outputs = ask(url, arm, texts[question], args, group, in_group)
-                return score(questions[question], arm, outputs, tokenizer)
+    def answerer(url: str):
+        def answer(arm: str, question: int, group: str, in_group: int) -> dict:
+            return score(questions[question], arm, ask(url, arm, texts[question], args, group, in_group), tokenizer)
 
-            complete = run_side_by_side(rows, ARMS, len(questions), args.concurrency, answer, console)
-    records = rows.by_arm(ARMS)
-    if "full sampling" not in records:
-        console.print(f"no question has every arm recorded yet in {rows.path}: nothing to report")
+        return answer
+
+    complete = run_on_server(rows, ARMS, len(questions), args, model_path, "eager", answerer, console)
+    records = reportable(rows, ARMS, console)
+    if records is None:
         return 0 if complete else 130
     summary = summarize(records, {arm: wall_seconds(items) for arm, items in records.items()})
     meta = {

@@ -37,15 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sglang_entropy.tools.commands import bench_command
-from sglang_entropy.tools.runner import (
-    Rows,
-    SettingsDiffer,
-    bench_settings,
-    completeness,
-    rows_path,
-    run_side_by_side,
-    wall_seconds,
-)
+from sglang_entropy.tools.runner import Rows, completeness, open_rows, reportable, run_on_server, wall_seconds
 
 ARMS = (
     "full sampling",
@@ -408,8 +400,6 @@ SETTINGS = (
 
 
 def run_tree(args) -> int:
-    import shlex
-
     from sglang_entropy_prune.bench import model_and_prompts, questions_for
 
     from sglang_entropy.tools import server as sglang_server
@@ -424,25 +414,22 @@ def run_tree(args) -> int:
     if found is None:
         return 2
     model_path, tokenizer_path, tokenizer, texts = found
-    settings = bench_settings("tree", args, SETTINGS, model_path, tokenizer_path)
-    try:
-        rows = Rows(rows_path(args.out), settings)
-    except SettingsDiffer as e:
-        console.print(str(e))
+    rows = open_rows("tree", args, SETTINGS, model_path, tokenizer_path, console)
+    if rows is None:
         return 2
-    complete = True
-    if not args.report_only:
-        policies = ["--entropy-policies", "deepconf,eager", *shlex.split(args.server_args or "")]
-        with sglang_server.server_url(args.url, model_path, policies, progress=console.print) as url:
-            runner = Runner(url, args, tokenizer)
 
-            def ask(arm: str, question: int, group: str, in_group: int) -> dict:
-                answered, generated = runner.answer(arm, texts[question], group, in_group)
-                return score(questions[question], answered, generated, args.window)
+    def answerer(url: str):
+        runner = Runner(url, args, tokenizer)
 
-            complete = run_side_by_side(rows, arms, len(questions), args.concurrency, ask, console)
+        def ask(arm: str, question: int, group: str, in_group: int) -> dict:
+            answered, generated = runner.answer(arm, texts[question], group, in_group)
+            return score(questions[question], answered, generated, args.window)
+
+        return ask
+
+    complete = run_on_server(rows, arms, len(questions), args, model_path, "deepconf,eager", answerer, console)
     device = "the server at " + args.url if args.url else ("GPU" if sglang_server.has_gpu() else "CPU")
-    report(rows, Path(args.out), settings, device, console)
+    report(rows, Path(args.out), rows.settings, device, console)
     if not complete:
         console.print(f"interrupted: the records so far are in {rows.path}; the same command continues the run")
     return 0 if complete else 130
@@ -450,9 +437,8 @@ def run_tree(args) -> int:
 
 def report(rows: Rows, out: Path, settings: dict, device: str, console) -> None:
     """The summary, targets, signal, table and plot from whatever the rows hold."""
-    records = rows.by_arm(ARMS)
-    if "full sampling" not in records:
-        console.print(f"no question has every arm recorded yet in {rows.path}: nothing to report")
+    records = reportable(rows, ARMS, console)
+    if records is None:
         return
     seconds = {arm: wall_seconds(items) for arm, items in records.items()}
     records = with_offline(records)

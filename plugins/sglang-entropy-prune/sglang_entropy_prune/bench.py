@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import json
 import random
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +25,7 @@ from rich.table import Table
 
 from sglang_entropy.tools.commands import bench_command
 from sglang_entropy.tools.model import card_text
-from sglang_entropy.tools.runner import (
-    Rows,
-    SettingsDiffer,
-    bench_settings,
-    completeness,
-    rows_path,
-    run_side_by_side,
-    wall_seconds,
-)
+from sglang_entropy.tools.runner import completeness, open_rows, reportable, run_on_server, wall_seconds
 from sglang_entropy_prune.voting import extract_answer, normalize_number, traces_from_outputs, vote
 
 SYSTEM_PROMPTS = {
@@ -184,24 +175,20 @@ def run_prune(args) -> int:
         return 2
     model_path, tokenizer_path, _, texts = found
     plan = arms(args)
-    settings = bench_settings("prune", args, SETTINGS, model_path, tokenizer_path)
-    try:
-        rows = Rows(rows_path(args.out), settings)
-    except SettingsDiffer as e:
-        console.print(str(e))
+    rows = open_rows("prune", args, SETTINGS, model_path, tokenizer_path, console)
+    if rows is None:
         return 2
-    complete = True
-    if not args.report_only:
-        flags = ["--entropy-policies", "deepconf", *shlex.split(args.server_args)]
-        with sglang_server.server_url(args.url, model_path, flags, progress=console.print) as url:
+    settings = rows.settings
 
-            def answer(arm: str, question: int, group: str, in_group: int) -> dict:
-                return score(questions[question], ask(url, texts[question], args, plan[arm]), args.window)
+    def answerer(url: str):
+        def answer(arm: str, question: int, group: str, in_group: int) -> dict:
+            return score(questions[question], ask(url, texts[question], args, plan[arm]), args.window)
 
-            complete = run_side_by_side(rows, list(plan), len(questions), args.concurrency, answer, console)
-    records = rows.by_arm(list(plan))
-    if "full sampling" not in records:
-        console.print(f"no question has every arm recorded yet in {rows.path}: nothing to report")
+        return answer
+
+    complete = run_on_server(rows, list(plan), len(questions), args, model_path, "deepconf", answerer, console)
+    records = reportable(rows, list(plan), console)
+    if records is None:
         return 0 if complete else 130
     summary = summarize(records, {arm: wall_seconds(items) for arm, items in records.items()})
     device = "the server at " + args.url if args.url else ("GPU" if sglang_server.has_gpu() else "CPU (portable_cpu)")
